@@ -1,0 +1,1 @@
+"""phi3v_edge.runtime"""
