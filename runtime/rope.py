@@ -1,0 +1,35 @@
+"""LongRoPE cos/sin tables for the decoder's GroupQueryAttention (the runtime owns the short/long choice). Torch-free.
+
+Short factors while the total sequence length is <= original_max_position_embeddings, long beyond;
+both tables scaled by the attention factor sqrt(1 + ln(max/orig) / ln(orig)).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def attention_factor(rope: dict) -> float:
+    if not rope.get("type"):
+        return 1.0
+    scale = rope["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"]))
+
+
+def cos_sin_tables(rope: dict, head_dim: int, max_length: int, long: bool, dtype=np.float32):
+    """-> cos, sin [max_length, head_dim/2] for positions 0..max_length-1 (the manifest's `rope` section)."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [hd/2], fp32 as the reference
+    if rope.get("type"):
+        factors = np.asarray(rope["long_factor" if long else "short_factor"], dtype=np.float32)
+    else:
+        factors = np.float32(1.0)
+    inv_freq = (np.float32(1.0) / (factors * np.float32(rope["theta"]) ** exponent)).astype(np.float32)
+    freqs = np.arange(max_length, dtype=np.float32)[:, None] * inv_freq[None, :]  # [M, hd/2]
+    f = np.float32(attention_factor(rope))
+    return (np.cos(freqs) * f).astype(dtype), (np.sin(freqs) * f).astype(dtype)
+
+
+def needs_long(rope: dict, total_length: int) -> bool:
+    """Which factor set a sequence of this total length uses."""
+    return bool(rope.get("type")) and total_length > rope["original_max_position_embeddings"]
