@@ -1,0 +1,28 @@
+"""Shared pytest fixtures: small random checkpoints in the real layout (built once per session)."""
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """@pytest.mark.gpu tests need onnxruntime's CUDA provider and a CUDA device."""
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (onnxruntime CUDAExecutionProvider)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Phi-3.5-vision checkpoint: sharded bf16 safetensors + index, real tokenizer files."""
+    from phi3v_edge.models.testing import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
