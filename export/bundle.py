@@ -1,0 +1,149 @@
+"""Checkpoint -> bundle: resolve the checkpoint, build vision.onnx and decoder.onnx, copy the tokenizer
+and processor files, write manifest.json — all in a temporary directory renamed into place at the end,
+so a failed or interrupted export never leaves something that looks like a bundle.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from phi3v_edge.models.checkpoint import SIDE_FILES, CheckpointReader, resolve_checkpoint
+from phi3v_edge.models.config import ASSETS_DIR, Phi3VConfig
+from phi3v_edge.runtime import bundle as fmt
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+VISION_PRECISIONS = ("fp32", "fp16", "int8")
+BLOCK_SIZES = (32, 64, 128)
+REQUIRED_SIDE_FILES = ("tokenizer.json", "preprocessor_config.json")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked (bad option, existing output, unusable checkpoint)."""
+
+
+def default_io_dtype(precision: str, target: str) -> str:
+    """Activations: fp32 for the fp32 precision and for CPU targets, fp16 on CUDA."""
+    return "float32" if precision == "fp32" or target == "cpu" else "float16"
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *,
+                  target: str = "cuda", vision_precision: str | None = None, block_size: int = 32,
+                  symmetric: bool = True, lm_head_precision: str | None = None,
+                  embedding_precision: str | None = None, all_logits: bool = False, force: bool = False,
+                  progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Export `checkpoint` (directory or HF repo id) to a bundle at `out_dir`; returns its path.
+
+    precision: decoder weights (fp32/fp16 keep float MatMul; int8/int4 use MatMulNBits).
+    target: "cuda" (fp16 activations) or "cpu" (fp32 activations); fp32 precision is fp32 everywhere.
+    vision_precision: default fp16 on CUDA, fp32 on CPU (and for the fp32 precision)."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if target not in ("cuda", "cpu"):
+        raise ExportError(f"target {target!r}: choose 'cuda' or 'cpu'")
+    if block_size not in BLOCK_SIZES:
+        raise ExportError(f"block size {block_size} is not supported; choose one of {BLOCK_SIZES}")
+    io_dtype = default_io_dtype(precision, target)
+    if vision_precision is None:
+        vision_precision = "fp32" if io_dtype == "float32" else "fp16"
+    if vision_precision not in VISION_PRECISIONS:
+        raise ExportError(f"vision precision {vision_precision!r}: choose one of {', '.join(VISION_PRECISIONS)}")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
+
+    src = resolve_checkpoint(checkpoint)
+    cfg = Phi3VConfig.from_json(src)
+    reader = CheckpointReader(src)
+    _check_keys(reader, cfg)
+
+    # imported here: the graph builders pull in onnx
+    from .decoder_graph import build_decoder
+    from .vision_graph import build_vision
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        vision = build_vision(reader, cfg, tmp, precision=vision_precision,
+                              io_dtype="float32" if vision_precision == "fp32" else "float16",
+                              block_size=block_size,
+                              progress=(lambda i, n: progress("vision", i, n)) if progress else None)
+        decoder = build_decoder(reader, cfg, tmp, precision=precision, io_dtype=io_dtype, block_size=block_size,
+                                symmetric=symmetric, lm_head_precision=lm_head_precision,
+                                embedding_precision=embedding_precision, all_logits=all_logits,
+                                progress=(lambda i, n: progress("decoder", i, n)) if progress else None)
+        side = _copy_side_files(src, tmp)
+        manifest = _manifest(cfg, src, checkpoint, tmp, vision, decoder, side)
+        (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():  # force: replace only once the new bundle is complete
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_keys(reader: CheckpointReader, cfg: Phi3VConfig) -> None:
+    """Every tensor the model needs is present with its expected shape (read from headers only)."""
+    import torch
+
+    from phi3v_edge.models.modeling import Phi3VForCausalLM
+
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(cfg)
+    for name, p in model.named_parameters():
+        if name not in reader:
+            raise ExportError(f"checkpoint {reader.dir} is missing tensor {name} (expected shape {tuple(p.shape)})")
+        shape = reader.shape(name)
+        if shape != tuple(p.shape):
+            raise ExportError(f"tensor {name} has shape {shape} in the checkpoint; the config implies {tuple(p.shape)}")
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer/processor/generation files: from the checkpoint, else (with a note) the real Phi-3.5-vision
+    files shipped with phi3v-edge (same tokenizer for every Phi-3.5-vision checkpoint)."""
+    copied = []
+    for f in SIDE_FILES:
+        p = src / f
+        if not p.is_file() and f in REQUIRED_SIDE_FILES:
+            p = ASSETS_DIR / f
+        if p.is_file():
+            shutil.copy(p, dst / f)
+            copied.append(f)
+    return copied
+
+
+def _manifest(cfg: Phi3VConfig, src: Path, checkpoint, tmp: Path, vision: dict, decoder: dict, side: list[str]) -> dict:
+    pre = json.loads((tmp / "preprocessor_config.json").read_text())
+    files = [p.name for p in tmp.iterdir() if p.is_file() and p.name != fmt.MANIFEST]
+    return {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"checkpoint": str(checkpoint), "resolved_path": str(src)},
+        "decoder": decoder,
+        "vision": vision,
+        "rope": {
+            "type": cfg.rope_type,
+            "theta": cfg.rope_theta,
+            "original_max_position_embeddings": cfg.original_max_position_embeddings,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "attention_factor": cfg.rope_attention_factor,
+            "short_factor": cfg.rope_short_factor,
+            "long_factor": cfg.rope_long_factor,
+        },
+        "tokens": {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id,
+                   "stop_ids": list(cfg.stop_ids), "vocab_size": cfg.vocab_size},
+        "processor": {"num_crops": int(pre.get("num_crops", 4)), "num_img_tokens": cfg.num_img_tokens,
+                      "crop_size": 336, "files": side},
+        "files": fmt.describe_files(tmp, files),
+    }
