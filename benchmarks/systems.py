@@ -1,0 +1,334 @@
+"""One benchmark system measured in this process (the suite starts one process per system, so peak
+memory and CUDA state are each system's own).
+
+    python -m phi3v_edge.benchmarks.systems SYSTEM SPEC.json OUT.json
+
+Systems: edge (phi3v-edge bundle; spec names the bundle and cuda_graph), torch (PyTorch reference,
+bf16 SDPA on CUDA, fp32 on CPU), torch-nf4 (the reference with bitsandbytes 4-bit NF4 decoder weights),
+ort-genai (onnxruntime-genai, its own INT4 builder, decoder only, same weights).
+Every system reports the same fields (None where it has no such figure).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .measure import (GpuMemorySampler, bundle_decoder_weight_bytes, decoder_bytes_per_step, median,
+                      peak_rss_gib)
+
+FILLER = "The quick brown fox jumps over the lazy dog while the patient cat watches from the old wooden fence. "
+
+
+def synthetic_image(width: int = 1000, height: int = 750, seed: int = 0):
+    """A deterministic photo-sized RGB image (noise + shapes); 1000x750 gives a 2x2 grid at num_crops 4
+    (757 image tokens) and a 3x4 grid at num_crops 16 (1921)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(12):
+        x, y = int(rng.integers(0, width - 100)), int(rng.integers(0, height - 100))
+        d.ellipse([x, y, x + 90, y + 90], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return im
+
+
+def filler_prompt(tokenizer_count, target: int) -> str:
+    """A chat prompt of about `target` tokens (never more)."""
+    from phi3v_edge.runtime.chat_template import build_prompt
+
+    def make(n):
+        return build_prompt([{"role": "user", "content": FILLER * n}])[0]
+
+    per = max(1, tokenizer_count(make(8)) - tokenizer_count(make(7)))
+    n = max(1, (target - tokenizer_count(make(0))) // per)
+    while n > 1 and tokenizer_count(make(n)) > target:
+        n -= 1
+    return make(n)
+
+
+def image_prompt():
+    from phi3v_edge.runtime.chat_template import build_prompt
+
+    return build_prompt([{"role": "user", "content": "Describe the image in detail.", "images": [synthetic_image()]}])
+
+
+def _median_timings(runs: list[dict]) -> dict:
+    keys = set().union(*runs)
+    return {k: median([r.get(k) for r in runs]) for k in keys}
+
+
+# ---- phi3v-edge --------------------------------------------------------------------------------------
+def run_edge(spec: dict) -> dict:
+    from phi3v_edge.runtime import Phi3VRuntime
+    from phi3v_edge.runtime.bundle import load_manifest
+
+    dev = spec["device"]
+    bundle = Path(spec["bundle"])
+    manifest = load_manifest(bundle)
+    row = {}
+    with GpuMemorySampler() as mem:
+        rt = Phi3VRuntime(bundle, provider=dev, max_length=spec["max_length"],
+                          cuda_graph=spec.get("cuda_graph") if dev == "cuda" else None)
+        prompt, images = image_prompt()
+        for crops in spec["crops"]:
+            runs = []
+            for i in range(spec["warmup"] + spec["runs"]):
+                res = rt.generate(prompt, images=images, num_crops=crops, max_new_tokens=1, stop_ids=())
+                if i >= spec["warmup"]:
+                    runs.append(res.timings)
+            t = _median_timings(runs)
+            ttft = sum(t.get(k) or 0.0 for k in ("preprocess", "vision", "prefill"))
+            row[f"ttft_ms_crops{crops}"] = round(1e3 * ttft, 2)
+            row[f"split_crops{crops}"] = {k: round(1e3 * (t.get(k) or 0.0), 2) for k in ("preprocess", "vision", "prefill")}
+            row[f"prompt_tokens_crops{crops}"] = res.prompt_tokens
+        count = lambda p: rt.count_tokens(p)  # noqa: E731
+        for label, ctx in spec["contexts"].items():
+            p = filler_prompt(count, ctx)
+            rates, ids = [], None
+            for i in range(spec["warmup"] + spec["runs"]):
+                res = rt.generate(p, max_new_tokens=spec["new_tokens"], stop_ids=())
+                if i >= spec["warmup"]:
+                    rates.append((len(res.token_ids) - 1) / res.timings["decode"])
+                ids = res.token_ids
+            rate = median(rates)
+            row[f"decode_tok_s_{label}"] = round(rate, 1)
+            row[f"context_{label}"] = res.prompt_tokens
+            row[f"greedy_ids_{label}"] = ids
+            step_bytes = decoder_bytes_per_step(bundle_decoder_weight_bytes(bundle, manifest), manifest["decoder"]["num_layers"],
+                                                manifest["decoder"]["num_kv_heads"], manifest["decoder"]["head_dim"],
+                                                res.prompt_tokens + spec["new_tokens"] // 2,
+                                                2 if manifest["decoder"].get("io_dtype") == "float16" else 4)
+            row[f"achieved_gbps_{label}"] = round(step_bytes * rate / 1e9, 1)
+    row["peak_gpu_gib"] = mem.peak_gib
+    row["peak_rss_gib"] = peak_rss_gib()
+    row["bundle_gb"] = round(sum(v["bytes"] for v in manifest["files"].values()) / 1e9, 3)
+    return row
+
+
+# ---- PyTorch reference (optionally bitsandbytes NF4) -------------------------------------------------
+def _to_nf4(model):
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"), (layer.mlp, "gate_up_proj"),
+                             (layer.mlp, "down_proj")):
+            lin = getattr(parent, name)
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            setattr(parent, name, q.cuda())
+    torch.cuda.empty_cache()
+    return model
+
+
+def run_torch(spec: dict, nf4: bool = False) -> dict:
+    import torch
+
+    from phi3v_edge.models.decoder import KVCache
+    from phi3v_edge.models.modeling import Phi3VForCausalLM
+    from phi3v_edge.runtime.processor import Phi3VProcessor
+
+    dev = spec["device"]
+    if nf4 and dev != "cuda":
+        raise RuntimeError("bitsandbytes NF4 needs CUDA")
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    row = {}
+    with GpuMemorySampler() as mem, torch.no_grad():
+        model = Phi3VForCausalLM.from_pretrained(spec["checkpoint"], dtype=dtype, device=dev,
+                                                 attn_implementation="sdpa" if dev == "cuda" else "eager")
+        if nf4:
+            model = _to_nf4(model)
+        proc = Phi3VProcessor.from_pretrained(spec["checkpoint"])
+        prompt, images = image_prompt()
+        for crops in spec["crops"]:
+            runs = []
+            for i in range(spec["warmup"] + spec["runs"]):
+                t0 = time.perf_counter()
+                out = proc(prompt, images=images, num_crops=crops)
+                t1 = time.perf_counter()
+                ids = torch.from_numpy(out.input_ids).to(dev)
+                emb = model.embed(ids, torch.from_numpy(out.pixel_values).to(dev),
+                                  torch.from_numpy(out.image_sizes))
+                sync()
+                t2 = time.perf_counter()
+                int(model(inputs_embeds=emb, cache=KVCache(len(model.model.layers))).logits[0, -1].argmax())
+                t3 = time.perf_counter()
+                if i >= spec["warmup"]:
+                    runs.append({"preprocess": t1 - t0, "vision": t2 - t1, "prefill": t3 - t2})
+            t = _median_timings(runs)
+            row[f"ttft_ms_crops{crops}"] = round(1e3 * sum(t.values()), 2)
+            row[f"split_crops{crops}"] = {k: round(1e3 * v, 2) for k, v in t.items()}
+        count = lambda p: proc(p).input_ids.shape[1]  # noqa: E731
+        n_layers = len(model.model.layers)
+        for label, ctx in spec["contexts"].items():
+            ids = torch.from_numpy(proc(filler_prompt(count, ctx)).input_ids).to(dev)
+            rates = []
+            for i in range(spec["warmup"] + spec["runs"]):
+                cache = KVCache(n_layers)
+                tok = int(model(input_ids=ids, cache=cache).logits[0, -1].argmax())
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(spec["new_tokens"] - 1):
+                    tok = int(model(input_ids=torch.tensor([[tok]], device=dev), cache=cache).logits[0, -1].argmax())
+                dt = time.perf_counter() - t0
+                if i >= spec["warmup"]:
+                    rates.append((spec["new_tokens"] - 1) / dt)
+            rate = median(rates)
+            row[f"decode_tok_s_{label}"] = round(rate, 1)
+            row[f"context_{label}"] = int(ids.shape[1])
+            cfg = model.config
+            wbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                         if not n.startswith("model.vision_embed_tokens") and n != "model.embed_tokens.weight")
+            wbytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "layers" in n)
+            step = decoder_bytes_per_step(wbytes, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                          int(ids.shape[1]) + spec["new_tokens"] // 2, 2 if dtype != torch.float32 else 4)
+            row[f"achieved_gbps_{label}"] = round(step * rate / 1e9, 1)
+    row["peak_gpu_gib"] = mem.peak_gib
+    row["peak_rss_gib"] = peak_rss_gib()
+    row["bundle_gb"] = None
+    return row
+
+
+# ---- onnxruntime-genai (decoder only, its own builder, same weights) ---------------------------------
+def text_only_checkpoint(src: Path, dst: Path) -> Path:
+    """The decoder of our Phi-3.5-vision checkpoint as a plain Phi3ForCausalLM checkpoint (same tensors)."""
+    from safetensors.torch import save_file
+
+    from phi3v_edge.models.checkpoint import CheckpointReader
+    from phi3v_edge.models.config import ASSETS_DIR, Phi3VConfig
+
+    if (dst / "config.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = Phi3VConfig.from_json(src)
+    reader = CheckpointReader(src)
+    state = {k: reader.get(k) for k in reader.keys() if not k.startswith("model.vision_embed_tokens")}
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("img_processor", "embd_layer", "auto_map")}
+    d.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+    if d.get("rope_scaling"):
+        d["rope_scaling"]["type"] = "longrope"
+    (dst / "config.json").write_text(json.dumps(d, indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        p = src / f if (src / f).is_file() else ASSETS_DIR / f
+        (dst / f).write_bytes(p.read_bytes())
+    return dst
+
+
+def run_ort_genai(spec: dict) -> dict:
+    import onnxruntime_genai as og
+
+    dev = spec["device"]
+    work = Path(spec["workdir"])
+    ck = text_only_checkpoint(Path(spec["checkpoint"]), work / "og_ckpt")
+    out = work / f"og_int4_{dev}"
+    if not (out / "genai_config.json").is_file():
+        t0 = time.perf_counter()
+        extra = ["--extra_options", "enable_cuda_graph=1"] if dev == "cuda" else []
+        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ck), "-o", str(out),
+                            "-p", "int4", "-e", dev, "-c", str(work / "og_cache")] + extra,
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if r.returncode:
+            raise RuntimeError(f"onnxruntime-genai builder failed: {r.stderr[-800:]}")
+        build_s = time.perf_counter() - t0
+    else:
+        build_s = None
+    row = {"build_s": round(build_s, 1) if build_s else None}
+    rng = np.random.default_rng(0)
+    with GpuMemorySampler() as mem:
+        model = og.Model(str(out))
+        for label, ctx in spec["contexts"].items():
+            ids = rng.integers(100, 32000, size=ctx).astype(np.int32)
+            rates, prefills = [], []
+            for i in range(spec["warmup"] + spec["runs"]):
+                params = og.GeneratorParams(model)
+                params.set_search_options(max_length=ctx + spec["new_tokens"], min_length=ctx + spec["new_tokens"],
+                                          do_sample=False)
+                gen = og.Generator(model, params)
+                t0 = time.perf_counter()
+                gen.append_tokens(ids)
+                gen.generate_next_token()
+                t1 = time.perf_counter()
+                n = 0
+                while not gen.is_done() and n < spec["new_tokens"] - 1:
+                    gen.generate_next_token()
+                    n += 1
+                t2 = time.perf_counter()
+                del gen
+                if i >= spec["warmup"]:
+                    rates.append(n / (t2 - t1))
+                    prefills.append(t1 - t0)
+            row[f"decode_tok_s_{label}"] = round(median(rates), 1)
+            row[f"prefill_ms_{label}"] = round(1e3 * median(prefills), 2)
+            row[f"context_{label}"] = ctx
+            data = sum(p.stat().st_size for p in out.glob("*.onnx*"))
+            cfg = json.loads((ck / "config.json").read_text())
+            emb = cfg["vocab_size"] * cfg["hidden_size"] * 2
+            step = decoder_bytes_per_step(data - emb, cfg["num_hidden_layers"], cfg["num_key_value_heads"],
+                                          cfg["hidden_size"] // cfg["num_attention_heads"], ctx + spec["new_tokens"] // 2,
+                                          2 if dev == "cuda" else 4)
+            row[f"achieved_gbps_{label}"] = round(step * median(rates) / 1e9, 1)
+    row["peak_gpu_gib"] = mem.peak_gib
+    row["peak_rss_gib"] = peak_rss_gib()
+    row["bundle_gb"] = round(sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9, 3)
+    return row
+
+
+# ---- correctness in the same run ---------------------------------------------------------------------
+def run_check(spec: dict) -> dict:
+    """Float bundle (fp16 on CUDA, fp32 on CPU) vs the PyTorch reference (bf16 / fp32) on the same weights:
+    relative L2 error of the last-position logits of a text prompt and of an image prompt."""
+    import torch
+
+    from phi3v_edge.models.modeling import Phi3VForCausalLM
+    from phi3v_edge.runtime import Phi3VRuntime
+    from phi3v_edge.runtime.processor import Phi3VProcessor
+
+    dev = spec["device"]
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    rt = Phi3VRuntime(spec["bundle"], provider=dev, max_length=4096, cuda_graph=False if dev == "cuda" else None)
+    model = Phi3VForCausalLM.from_pretrained(spec["checkpoint"], dtype=dtype, device=dev,
+                                             attn_implementation="sdpa" if dev == "cuda" else "eager")
+    proc = Phi3VProcessor.from_pretrained(spec["checkpoint"])
+    out = {}
+    from phi3v_edge.runtime.chat_template import build_prompt
+
+    cases = {"text": build_prompt([{"role": "user", "content": FILLER * 4}]), "image": image_prompt()}
+    for name, (prompt, images) in cases.items():
+        rt.generate(prompt, images=images or None, max_new_tokens=1, stop_ids=())
+        got = rt.decoder.logits_numpy().astype(np.float64).ravel()
+        p = proc(prompt, images=images or None)
+        with torch.no_grad():
+            kw = {}
+            if p.pixel_values is not None:
+                kw = dict(pixel_values=torch.from_numpy(p.pixel_values).to(dev), image_sizes=torch.from_numpy(p.image_sizes))
+            want = model(input_ids=torch.from_numpy(p.input_ids).to(dev), **kw).logits[0, -1].double().cpu().numpy()
+        out[f"logits_rel_err_{name}"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        out[f"argmax_equal_{name}"] = bool(got.argmax() == want.argmax())
+    return out
+
+
+SYSTEMS = {"edge": run_edge, "torch": run_torch, "torch-nf4": lambda s: run_torch(s, nf4=True),
+           "ort-genai": run_ort_genai, "check": run_check}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    system, spec_path, out_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    row = SYSTEMS[system](spec)
+    Path(out_path).write_text(json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
