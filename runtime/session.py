@@ -1,0 +1,121 @@
+"""ONNX Runtime sessions for the bundle's graphs: provider choice (never a silent CPU fallback) and session options.
+
+    provider "cpu"  -> CPUExecutionProvider
+    provider "cuda" -> CUDAExecutionProvider (onnxruntime-gpu); optionally with CUDA graphs enabled
+                       (the provider option `enable_cuda_graph`; runs then pick a graph with the run
+                       option `gpu_graph_id`, -1 = run without a graph)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import BundleError, ProviderError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+GPU_GRAPH_ID = "gpu_graph_id"  # run config key: which captured CUDA graph a run uses (-1: none)
+
+
+def check_provider(provider: str) -> str:
+    """'cpu' | 'cuda' -> the ONNX Runtime provider name; ProviderError if this onnxruntime lacks it."""
+    if provider not in PROVIDERS:
+        raise ProviderError(f"provider {provider!r} is not supported: use 'cuda' or 'cpu'")
+    name = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise ProviderError(
+            f"provider='{provider}' needs ONNX Runtime's {name}, but the installed onnxruntime {ort.__version__} "
+            f"({_ort_flavour()}) offers only {', '.join(available)}. Install the GPU build instead "
+            "(pip uninstall onnxruntime && pip install 'phi3v-edge[gpu]', i.e. onnxruntime-gpu with CUDA 12 and "
+            "cuDNN 9) on a machine with an NVIDIA GPU, or pass provider='cpu' (--provider cpu)")
+    return name
+
+
+def _ort_flavour() -> str:
+    try:
+        from importlib import metadata
+
+        for dist in ("onnxruntime-gpu", "onnxruntime"):
+            try:
+                return f"{dist} {metadata.version(dist)}"
+            except metadata.PackageNotFoundError:
+                continue
+    except Exception:  # pragma: no cover - metadata trouble is not worth failing over
+        pass
+    return "unknown package"
+
+
+def device_of(provider: str) -> str:
+    """OrtValue device type for buffers used with this provider."""
+    return "cuda" if provider == "cuda" else "cpu"
+
+
+def session_options(threads: int | None = None, log_level: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    # errors only unless PHI3V_EDGE_ORT_LOG says otherwise (0 verbose .. 4 fatal)
+    so.log_severity_level = int(os.environ.get("PHI3V_EDGE_ORT_LOG", 3 if log_level is None else log_level))
+    return so
+
+
+def create_session(model: str | Path | bytes, provider: str = "cpu", *, device_id: int = 0,
+                   cuda_graph: bool = False, threads: int | None = None,
+                   what: str | None = None) -> ort.InferenceSession:
+    """An InferenceSession on exactly the requested provider.
+
+    provider="cuda" raises ProviderError when the CUDA provider is missing from this onnxruntime, or when it
+    is present but could not be initialised (ONNX Runtime would otherwise quietly run on the CPU).
+    cuda_graph=True enables CUDA graph capture (CUDA only): every run must then use IOBinding with fixed
+    buffer addresses, and runs choose a graph with the run option `gpu_graph_id`.
+    Files that cannot be loaded raise BundleError."""
+    name = check_provider(provider)
+    if cuda_graph and provider != "cuda":
+        raise ProviderError("CUDA graphs need provider='cuda'")
+    what = what or (Path(model).name if not isinstance(model, (bytes, bytearray)) else "in-memory graph")
+    if provider == "cuda":
+        opts = {"device_id": str(int(device_id)), "enable_cuda_graph": "1" if cuda_graph else "0",
+                "cudnn_conv_algo_search": "HEURISTIC"}
+        providers = [(name, opts), "CPUExecutionProvider"]
+    else:
+        providers = [name]
+    so = session_options(threads)
+    src = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
+    try:
+        sess = ort.InferenceSession(src, sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/NoSuchFile/... types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if provider == "cuda" and ("cuda" in msg.lower() or "graph" in msg.lower()):
+            hint = " (CUDA graphs need every node of the graph on the CUDA provider; try cuda_graph=False)" \
+                if cuda_graph else ""
+            raise ProviderError(f"could not create a CUDA session for {what}: {msg}{hint}") from None
+        raise BundleError(f"cannot load {what}: {msg} (the file may be corrupt or truncated: "
+                          "check the bundle with `phi3v-edge verify BUNDLE`, or re-export it)") from None
+    if provider == "cuda" and sess.get_providers()[0] != name:
+        raise ProviderError(
+            f"onnxruntime has the {name} but could not initialise it for {what} (it would have run on "
+            f"{sess.get_providers()[0]} instead): usually the CUDA 12 / cuDNN 9 libraries are not on the "
+            "library path or no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES; set "
+            "PHI3V_EDGE_ORT_LOG=2 to see ONNX Runtime's reason). Pass provider='cpu' to run on the CPU.")
+    return sess
+
+
+def numpy_dtype(ort_type: str):
+    """'tensor(float16)' -> np.float16, etc."""
+    table = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+             "tensor(bfloat16)": None}
+    if ort_type not in table or table[ort_type] is None:
+        raise BundleError(f"unsupported tensor type {ort_type} in the bundle's graph")
+    return table[ort_type]
+
+
+def run_options(graph_id: int | None = None) -> ort.RunOptions:
+    ro = ort.RunOptions()
+    if graph_id is not None:
+        ro.add_run_config_entry(GPU_GRAPH_ID, str(int(graph_id)))
+    return ro
