@@ -83,7 +83,8 @@ class GraphBuilder:
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
-        self._names: set[str] = set()
+        self._names: set[str] = set()  # every name reserved (values, initializers, node names)
+        self._values: set[str] = set()  # value names defined so far (inputs, initializers, node outputs)
         self._counter: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,7 @@ class GraphBuilder:
         if name in self._names:
             raise ValueError(f"graph input name {name!r} is already used")
         self._names.add(name)
+        self._values.add(name)
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
@@ -117,6 +119,7 @@ class GraphBuilder:
             if name in self._names:
                 raise ValueError(f"graph output name {name!r} is already used")
             self._names.add(name)
+            self._values.add(name)
             self.nodes.append(helper.make_node("Identity", [value], [name], name=self.unique(f"{name}/Identity")))
             value = name
         self.outputs.append(helper.make_tensor_value_info(value, elem_type, None if shape is None else list(shape)))
@@ -132,6 +135,7 @@ class GraphBuilder:
             if name in self._names:
                 raise ValueError(f"initializer name {name!r} is already used")
             self._names.add(name)
+        self._values.add(name)
         if a.nbytes <= self.inline_threshold:
             t = helper.make_tensor(name, elem, a.shape, a.tobytes(), raw=True)
         else:
@@ -173,11 +177,12 @@ class GraphBuilder:
         else:
             outs = list(outputs)
             for o in outs:
-                if o:
-                    if o in self._names:
-                        raise ValueError(f"value name {o!r} is already used")
+                if o:  # a name from unique() is fine; one already produced or fed is not
+                    if o in self._values:
+                        raise ValueError(f"value name {o!r} is already defined in this graph")
                     self._names.add(o)
             single = False
+        self._values.update(o for o in outs if o)
         ins = ["" if i is None else i for i in inputs]
         while ins and ins[-1] == "":
             ins.pop()
