@@ -224,15 +224,18 @@ class LogitsHead:
             in_type = _ONNX_TYPES[np.dtype(self.dec.logits_dtype)]
             self._topk = create_session(_topk_model(in_type), self.provider, device_id=self.device_id,
                                         what="top-k graph")
-        if self._k is None or self._k[0] != k:
-            self._k = (k, ort.OrtValue.ortvalue_from_numpy(np.array([k], np.int64)))  # host: TopK reads K there
-        b = self._topk.io_binding()
-        b.bind_ortvalue_input("logits", self.dec.logits)
-        b.bind_ortvalue_input("k", self._k[1])
-        b.bind_output("values", "cpu")
-        b.bind_output("ids", "cpu")
+        if self._k is None or self._k[0] != k:  # bound once per k: K and both outputs live on the host
+            host = ort.OrtValue.ortvalue_from_numpy
+            kv, values, ids = host(np.array([k], np.int64)), host(np.zeros((1, 1, k), np.float32)), \
+                host(np.zeros((1, 1, k), np.int64))
+            b = self._topk.io_binding()
+            b.bind_ortvalue_input("logits", self.dec.logits)
+            b.bind_ortvalue_input("k", kv)
+            b.bind_ortvalue_output("values", values)
+            b.bind_ortvalue_output("ids", ids)
+            self._k = (k, b, kv, values, ids)
+        _, b, _, values, ids = self._k
         self._topk.run_with_iobinding(b)
-        values, ids = b.get_outputs()
         return values.numpy().reshape(-1), ids.numpy().reshape(-1)
 
 

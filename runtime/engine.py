@@ -284,12 +284,10 @@ class Phi3VRuntime:
             while True:
                 if on_device:
                     tok = self.decoder.argmax()
-                elif params.repetition_penalty != 1.0:
+                elif params.top_k and params.repetition_penalty == 1.0:
+                    tok = sampler.pick(*self.decoder.topk(params.top_k))  # k values + ids leave the device
+                else:  # repetition penalty, or sampling over the whole vocabulary: host logits
                     tok = sampler(self.decoder.logits_numpy(), self._tokens)
-                else:
-                    k = params.top_k or self.decoder.vocab_size
-                    values, ids = self.decoder.topk(k if not params.greedy else 1)
-                    tok = sampler.pick(values, ids)
                 out.append(tok)
                 if first_token_at is None:
                     first_token_at = time.perf_counter()

@@ -64,9 +64,9 @@ def apply_repetition_penalty(logits: np.ndarray, history, penalty: float) -> np.
 class Sampler:
     """One per request: holds the request's random stream.
 
-    Sampling works on candidates sorted by logit, largest first: the top_k of them (every token when
-    top_k is 0). The decoder loop gets them from an on-device TopK (`pick`), or, with a repetition
-    penalty, from the host logits (`__call__`); both give the same draw for the same seed."""
+    With top_k, sampling works on the k best candidates sorted largest first: the decoder loop gets them from
+    an on-device TopK (`pick`), or from the host logits when a repetition penalty is on (`__call__`); both
+    give the same draw for the same seed. Without top_k, the host logits are used (`__call__`)."""
 
     def __init__(self, params: SamplingParams):
         self.params = params.validate()
@@ -79,11 +79,17 @@ class Sampler:
         x = apply_repetition_penalty(x, history, p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(x))
-        ids = top_candidates(x, p.top_k)
-        return self.pick(x[ids], ids)
+        if p.top_k and p.top_k < x.size:
+            ids = top_candidates(x, p.top_k)
+            return self.pick(x[ids], ids)
+        z = x.astype(np.float64) / float(p.temperature)
+        if p.top_p < 1.0:
+            ids, total = nucleus_candidates(z, p.top_p)
+            return int(ids[sample_sorted(z[ids], 1.0, p.top_p, self.rng, total)])
+        return _draw(_softmax(z), self.rng)
 
     def pick(self, values: np.ndarray, ids: np.ndarray) -> int:
-        """values [n] (sorted, largest first) of the candidate ids [n] -> the drawn id."""
+        """The top-k candidates: values [k] sorted largest first, their ids [k] -> the drawn id."""
         p = self.params
         if p.greedy:
             return int(ids[0])
@@ -91,26 +97,47 @@ class Sampler:
 
 
 def top_candidates(logits: np.ndarray, top_k: int) -> np.ndarray:
-    """ids of the top_k largest logits (all when top_k is 0), largest first; ties by lower id."""
-    n = logits.size
-    if top_k and top_k < n:
-        part = np.argpartition(-logits, top_k - 1)[:top_k]
-        return part[np.lexsort((part, -logits[part]))]
-    return np.argsort(-logits, kind="stable")
+    """ids of the top_k largest logits, largest first; ties by lower id."""
+    part = np.argpartition(-logits, top_k - 1)[:top_k]
+    return part[np.lexsort((part, -logits[part]))]
 
 
-def sample_sorted(values: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+def nucleus_candidates(z: np.ndarray, top_p: float, start: int = 64) -> tuple[np.ndarray, float]:
+    """Sorted ids of the smallest top slice of z [vocab] holding at least top_p of the probability mass
+    (every token that top-p can keep), and the softmax normaliser sum(exp(z - max)) over the whole vocab.
+    Grows a partial sort instead of sorting the whole vocabulary."""
+    m = np.max(z)
+    e = np.exp(z - m)
+    total = float(e.sum())
+    n = min(start, z.size)
+    while True:
+        ids = top_candidates(z, n) if n < z.size else np.argsort(-z, kind="stable")
+        if n >= z.size or e[ids].sum() / total >= top_p:
+            return ids, total
+        n = min(4 * n, z.size)
+
+
+def sample_sorted(values: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
+                  total: float | None = None) -> int:
     """Candidate logits sorted largest first -> index of the drawn candidate, after temperature and top-p
     (top-p drops candidates whose preceding cumulative mass already reaches top_p; the first always stays,
-    the reference's rule). One uniform number per draw, so a seed fixes the whole sequence."""
-    probs = _softmax(values / float(temperature))
+    the reference's rule). total: the softmax normaliser sum(exp(z - max)) when the candidates are a slice of
+    a larger distribution (default: the candidates are the whole distribution). One uniform number per draw,
+    so a seed fixes the whole sequence."""
+    z = values / float(temperature)
+    e = np.exp(z - z[0])
+    probs = e / (e.sum() if total is None else total)
     if top_p < 1.0:
         keep = (np.cumsum(probs) - probs) < top_p
         keep[0] = True
         probs = np.where(keep, probs, 0.0)
+    return _draw(probs, rng)
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     cdf = np.cumsum(probs)
     u = rng.random() * cdf[-1]
-    return int(min(np.searchsorted(cdf, u, side="right"), values.size - 1))
+    return int(min(np.searchsorted(cdf, u, side="right"), probs.size - 1))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -78,8 +78,9 @@ def create_session(model: str | Path | bytes, provider: str = "cpu", *, device_i
         raise ProviderError("CUDA graphs need provider='cuda'")
     what = what or (Path(model).name if not isinstance(model, (bytes, bytearray)) else "in-memory graph")
     if provider == "cuda":
+        # use_tf32 0: fp32 graphs stay fp32 (the parity bundles); fp16/int4 graphs are unaffected
         opts = {"device_id": str(int(device_id)), "enable_cuda_graph": "1" if cuda_graph else "0",
-                "cudnn_conv_algo_search": "HEURISTIC"}
+                "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
         providers = [(name, opts), "CPUExecutionProvider"]
     else:
         providers = [name]
