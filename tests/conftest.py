@@ -26,3 +26,12 @@ def tiny_checkpoint(tmp_path_factory):
     from phi3v_edge.models.testing import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """The fp32 CPU bundle of `tiny_checkpoint` (runtime tests)."""
+    from phi3v_edge.export.bundle import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("tiny_bundle") / "fp32", precision="fp32",
+                         target="cpu")
