@@ -351,3 +351,16 @@ def test_graph_builder_external_data(tmp_path):
 
     ref = (xv @ w1.T + 1.0) @ dequantize(quantize(w2, 4, 32)).T
     assert _rel(out, ref) < 1e-5
+
+
+def test_checkpoint_mismatch_errors(ckpt, tmp_path):
+    from phi3v_edge.models.checkpoint import CheckpointError
+
+    path, _ = ckpt
+    reader = CheckpointReader(path)
+    wide = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=512, num_layers=2)
+    with pytest.raises(CheckpointError, match=r"gate_up_proj.weight has shape \(512, 128\).*expects \(1024, 128\)"):
+        build_decoder(reader, wide, tmp_path / "a", precision="int4", io_dtype="float32")
+    deep = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256, num_layers=3)
+    with pytest.raises(CheckpointError, match="model.layers.2.input_layernorm.weight is missing"):
+        build_decoder(reader, deep, tmp_path / "b", precision="int4", io_dtype="float32")
