@@ -70,7 +70,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, metavar="T", help="sample with this temperature")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass (implies sampling)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (implies sampling)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="default 1.0 (off)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's stop tokens")
@@ -122,8 +122,8 @@ def _dispatch(name: str, rest: list[str]) -> int:
 
 # ---- generate / chat ------------------------------------------------------------------------------
 def _sampling(args) -> dict:
-    sampling_set = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
-    if args.greedy and (sampling_set or args.seed is not None):
+    sampling_set = any(v is not None for v in (args.temperature, args.top_p, args.top_k, args.seed))
+    if args.greedy and sampling_set:
         raise CLIError("--greedy cannot be combined with --temperature / --top-p / --top-k / --seed")
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
