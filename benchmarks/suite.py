@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     base = dict(device=device, checkpoint=str(ckpt), workdir=str(work), runs=a.runs or (1 if a.tiny else 5),
                 warmup=1, new_tokens=new_tokens, crops=[4, 16],
                 contexts={"1k": 96, "4k": 240} if a.tiny else {"1k": 1024, "4k": 4096 - new_tokens},
-                max_length=512 if a.tiny else 4096)
+                max_length=2048 if a.tiny else 4096)
     wanted = set(a.systems.split(",")) if a.systems else None
     rows, raw = [], {}
     for i, p in enumerate(plan(device)):

@@ -159,59 +159,9 @@ def _effective_embedding(w: np.ndarray, o: DecoderOptions) -> np.ndarray:
     return w
 
 
-_ST_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-
-
 def _get(reader, name: str, shape) -> np.ndarray:
-    """One checkpoint tensor as float32 numpy [shape].
-
-    Read with plain file reads (safetensors header + offsets) rather than through safe_open's memory map:
-    mapped pages that were read stay resident and count in the process RSS until the reader is closed,
-    so reading a 7.6 GB checkpoint through the map would show ~8 GB RSS. Falls back to reader.get for
-    anything else (other readers, unknown dtypes)."""
-    shape = tuple(shape)
-    shard = getattr(reader, "weight_map", {}).get(name) if hasattr(reader, "dir") else None
-    info = None
-    if shard is not None:
-        path = Path(reader.dir) / shard
-        header, base = _st_header(path)
-        info = header.get(name)
-    if info is None or info.get("dtype") not in _ST_DTYPES:
-        import torch
-
-        return reader.get(name, dtype=torch.float32, shape=shape).numpy()
-    if tuple(info["shape"]) != shape:
-        from phi3v_edge.models.checkpoint import CheckpointError
-
-        raise CheckpointError(f"tensor {name} has shape {tuple(info['shape'])} in the checkpoint; the model expects {shape}")
-    start, end = info["data_offsets"]
-    buf = np.empty(end - start, np.uint8)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(base + start)
-        if f.readinto(buf) != buf.nbytes:
-            from phi3v_edge.models.checkpoint import CheckpointError
-
-            raise CheckpointError(f"{path} is truncated (tensor {name})")
-    raw = buf.view(_ST_DTYPES[info["dtype"]]).reshape(shape)
-    if info["dtype"] == "BF16":  # bf16 -> fp32: the 16 bits are the high half of the float32
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
-
-
-_HEADERS: dict = {}
-
-
-def _st_header(path: Path):
-    """safetensors header (tensor name -> dtype, shape, data_offsets) and the data's base offset, cached."""
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _HEADERS:
-        import json
-
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            _HEADERS[key] = (json.loads(f.read(n)), 8 + n)
-    return _HEADERS[key]
+    """One checkpoint tensor as float32 numpy [shape] (plain file reads: flat RSS while streaming)."""
+    return reader.numpy(name, tuple(shape))
 
 
 def _names(i: int) -> dict[str, str]:

@@ -88,7 +88,7 @@ def build_vision(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: st
     io_type, f32 = onnx_dtype(io_dtype), torch.float32
 
     def w(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return reader.get(name, dtype=f32, shape=shape)
+        return torch.from_numpy(reader.numpy(name, shape))
 
     def weight(name: str, t: torch.Tensor) -> str:  # a float weight in the compute dtype
         return g.initializer(name, t.numpy().astype(g.np_float))
