@@ -48,8 +48,7 @@ class _Progress:
         if stage != self.stage:
             self.close()
             self.stage, self.bar = stage, tqdm(total=n, desc=f"{stage:8s}", unit="layer", file=sys.stderr)
-        self.bar.n = i
-        self.bar.refresh()
+        self.bar.update(i - self.bar.n)
 
     def close(self):
         if self.bar is not None:
