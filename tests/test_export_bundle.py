@@ -1,0 +1,108 @@
+"""The export driver: manifest contents, atomic writes, --force, clear errors, the CLI, verify."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from phi3v_edge.export import bundle as exp
+from phi3v_edge.export.cli import main as export_main
+from phi3v_edge.models.testing import tiny_config
+from phi3v_edge.runtime import bundle as fmt
+
+
+def test_manifest_describes_the_bundle(tiny_bundle, tiny_checkpoint):
+    m = fmt.load_manifest(tiny_bundle)
+    assert m["format"] == fmt.FORMAT_NAME and m["format_version"] == fmt.FORMAT_VERSION
+    assert m["source"]["checkpoint"] == str(tiny_checkpoint)
+    assert m["decoder"]["precision"] == "fp32" and m["vision"]["precision"] == "fp32"
+    cfg = tiny_config()
+    assert m["decoder"]["num_layers"] == cfg.num_hidden_layers and m["decoder"]["vocab_size"] == 32064
+    assert m["rope"]["short_factor"] == cfg.rope_short_factor and m["rope"]["long_factor"] == cfg.rope_long_factor
+    assert m["rope"]["original_max_position_embeddings"] == cfg.original_max_position_embeddings
+    assert m["tokens"]["stop_ids"] == [2, 32000, 32007] and m["tokens"]["bos"] == 1
+    assert m["processor"]["num_crops"] == 4
+    for name in ("decoder.onnx", "decoder.onnx.data", "vision.onnx", "tokenizer.json", "preprocessor_config.json"):
+        assert name in m["files"], name
+        assert m["files"][name]["bytes"] == (tiny_bundle / name).stat().st_size
+        assert m["files"][name]["sha256"] == fmt.file_sha256(tiny_bundle / name)
+    assert fmt.verify_bundle(tiny_bundle) == []
+
+
+def test_int4_manifest_records_quantization(tiny_checkpoint, tmp_path):
+    out = exp.export_bundle(tiny_checkpoint, tmp_path / "b", "int4", target="cpu", block_size=64, symmetric=False)
+    d = fmt.load_manifest(out)["decoder"]
+    assert (d["precision"], d["block_size"], d["symmetric"], d["io_dtype"]) == ("int4", 64, False, "float32")
+
+
+def test_existing_output_needs_force_and_is_replaced_whole(tiny_checkpoint, tmp_path):
+    out = tmp_path / "b"
+    exp.export_bundle(tiny_checkpoint, out, "fp32", target="cpu")
+    first = fmt.load_manifest(out)["created"]
+    with pytest.raises(exp.ExportError, match="already exists.*--force"):
+        exp.export_bundle(tiny_checkpoint, out, "fp32", target="cpu")
+    (out / "stale.txt").write_text("from the old bundle")
+    exp.export_bundle(tiny_checkpoint, out, "int8", target="cpu", force=True)
+    assert fmt.load_manifest(out)["decoder"]["precision"] == "int8"
+    assert not (out / "stale.txt").exists()
+    assert first  # the old one was complete too
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary or old directories left
+
+
+def test_failed_export_leaves_nothing_that_looks_like_a_bundle(tiny_checkpoint, tmp_path, monkeypatch):
+    from phi3v_edge.export import decoder_graph
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(decoder_graph, "build_decoder", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        exp.export_bundle(tiny_checkpoint, tmp_path / "b", "int4", target="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(precision="int3"), "precision 'int3' is not supported"),
+    (dict(precision="int4", block_size=48), "block size 48"),
+    (dict(precision="int4", target="tpu"), "target 'tpu'"),
+    (dict(precision="int4", vision_precision="int4"), "vision precision 'int4'"),
+])
+def test_bad_options_are_clear_errors(tiny_checkpoint, tmp_path, kwargs, match):
+    with pytest.raises(exp.ExportError, match=match):
+        exp.export_bundle(tiny_checkpoint, tmp_path / "b", **kwargs)
+    assert not (tmp_path / "b").exists()
+
+
+def test_missing_key_is_named_before_any_work(tmp_path):
+    from phi3v_edge.models.checkpoint import save_checkpoint
+    from phi3v_edge.models.testing import random_state_dict
+
+    cfg = tiny_config(num_layers=1, vision_layers=1)
+    state = random_state_dict(cfg)
+    del state["model.layers.0.mlp.gate_up_proj.weight"]
+    save_checkpoint(state, tmp_path / "c", config=cfg)
+    with pytest.raises(exp.ExportError, match=r"missing tensor model\.layers\.0\.mlp\.gate_up_proj\.weight"):
+        exp.export_bundle(tmp_path / "c", tmp_path / "b", "int4")
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_and_errors(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "cli-b"
+    assert export_main([str(tiny_checkpoint), "--out", str(out), "--precision", "int4", "--target", "cpu", "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["decoder"]["precision"] == "int4"
+    assert export_main([str(tiny_checkpoint), "--out", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "nowhere" / "x"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_verify_catches_a_flipped_byte(tiny_checkpoint, tmp_path):
+    out = exp.export_bundle(tiny_checkpoint, tmp_path / "b", "int4", target="cpu")
+    data = out / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    fmt.load_manifest(out)  # same size: the cheap load check passes
+    problems = fmt.verify_bundle(out)
+    assert len(problems) == 1 and problems[0].startswith("decoder.onnx.data")
