@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="int4", choices=("int4", "int8", "fp16"))
     p.add_argument("--vision-precision", default="fp16")
     p.add_argument("--keep", action="store_true", help="keep the bundle afterwards")
+    p.add_argument("--note", default="", help="free text recorded with the figures (e.g. machine load)")
     a = p.parse_args(argv)
     work = Path(a.workdir)
     ckpt, bundle = work / "ckpt", work / f"bundle-{a.precision}"
@@ -65,16 +66,17 @@ def main(argv=None) -> int:
     files = {f.name: f.stat().st_size for f in sorted(bundle.iterdir())}
     now = dt.datetime.now(dt.timezone.utc)
     device = f"{cpu_name()} ({os.cpu_count()} cores)"
-    rec = {"date": now.isoformat(timespec="seconds"), "device": device, "command": " ".join(["phi3v-edge export"] + cmd[4:]),
+    rec = {"date": now.isoformat(timespec="seconds"), "device": device, "command": " ".join(["phi3v-edge export"] + cmd[3:]),
            "precision": a.precision, "vision_precision": a.vision_precision, "wall_s": round(wall, 1),
            "peak_rss_gib": round(peak_rss_gib, 2), "bundle_gb": round(size / 1e9, 3), "files": files,
-           "targets": {"peak_rss_gib": 6.0, "bundle_gb_int4": 2.9}}
+           "targets": {"peak_rss_gib": 6.0, "bundle_gb_int4": 2.9}, "note": a.note}
     RESULTS.mkdir(exist_ok=True)
     stem = f"export-{a.precision}-{now:%Y-%m-%d}-cpu{os.cpu_count()}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
     md = [f"# Full-size export ({a.precision}, vision {a.vision_precision})", "",
-          f"- date: {rec['date']}", f"- device: {device}", f"- command: `{rec['command']}`", "",
-          "| wall time | peak RSS | bundle size |", "|---|---|---|",
+          f"- date: {rec['date']}", f"- device: {device}", f"- command: `{rec['command']}`"]
+    md += [f"- note: {a.note}", ""] if a.note else [""]
+    md += ["| wall time | peak RSS | bundle size |", "|---|---|---|",
           f"| {wall:.0f} s | {peak_rss_gib:.2f} GiB (target < 6) | {size / 1e9:.3f} GB (target < 2.9 for int4) |", "",
           "| file | bytes |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in files.items()]
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
