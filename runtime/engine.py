@@ -161,6 +161,24 @@ class Phi3VRuntime:
         kwargs.setdefault("keep_cache", True)
         return self.stream(prompt, images, **kwargs)
 
+    def score(self, prompt: str, images=None, continuation: Sequence[int] = (), num_crops: int | None = None) -> np.ndarray:
+        """Teacher-forced next-token logits: row 0 after the prompt, row i after continuation[:i].
+        Returns float32 [len(continuation) + 1, vocab] (evaluation: KL divergence, perplexity)."""
+        prep = self._prepare(prompt, images, num_crops, keep_cache=False)
+        n = prep.ids.size + len(continuation)
+        if n > self.max_length:
+            raise InputError(f"the prompt ({prep.ids.size} tokens) plus the continuation ({len(continuation)}) "
+                             f"exceeds max_length {self.max_length}")
+        self._next_id += 1
+        self._active = 0  # no request owns the runtime afterwards
+        self._prefill(prep.ids, prep.features, reuse=0)
+        self._images = prep.images
+        rows = [self.decoder.logits_numpy().astype(np.float32)]
+        for tok in continuation:
+            self._advance(int(tok), from_device=False)
+            rows.append(self.decoder.logits_numpy().astype(np.float32))
+        return np.stack(rows)
+
     def reset(self) -> None:
         """Forget the conversation (the KV cache is emptied; nothing is freed or reallocated)."""
         self._forget()
