@@ -29,8 +29,8 @@ def check_provider(provider: str) -> str:
         raise ProviderError(
             f"provider='{provider}' needs ONNX Runtime's {name}, but the installed onnxruntime {ort.__version__} "
             f"({_ort_flavour()}) offers only {', '.join(available)}. Install the GPU build instead "
-            "(pip uninstall onnxruntime && pip install 'phi3v-edge[gpu]', i.e. onnxruntime-gpu with CUDA 12 and "
-            "cuDNN 9) on a machine with an NVIDIA GPU, or pass provider='cpu' (--provider cpu)")
+            "(pip uninstall onnxruntime && pip install 'phi3v-edge[gpu]', i.e. onnxruntime-gpu with the CUDA and "
+            "cuDNN versions it was built for) on a machine with an NVIDIA GPU, or pass provider='cpu' (--provider cpu)")
     return name
 
 
@@ -78,6 +78,7 @@ def create_session(model: str | Path | bytes, provider: str = "cpu", *, device_i
         raise ProviderError("CUDA graphs need provider='cuda'")
     what = what or (Path(model).name if not isinstance(model, (bytes, bytearray)) else "in-memory graph")
     if provider == "cuda":
+        _preload_cuda_libraries()
         # use_tf32 0: fp32 graphs stay fp32 (the parity bundles); fp16/int4 graphs are unaffected
         opts = {"device_id": str(int(device_id)), "enable_cuda_graph": "1" if cuda_graph else "0",
                 "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
@@ -99,10 +100,25 @@ def create_session(model: str | Path | bytes, provider: str = "cpu", *, device_i
     if provider == "cuda" and sess.get_providers()[0] != name:
         raise ProviderError(
             f"onnxruntime has the {name} but could not initialise it for {what} (it would have run on "
-            f"{sess.get_providers()[0]} instead): usually the CUDA 12 / cuDNN 9 libraries are not on the "
+            f"{sess.get_providers()[0]} instead): usually the CUDA / cuDNN libraries this onnxruntime-gpu was built for are not on the "
             "library path or no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES; set "
             "PHI3V_EDGE_ORT_LOG=2 to see ONNX Runtime's reason). Pass provider='cpu' to run on the CPU.")
     return sess
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA / cuDNN libraries from the nvidia-* wheels (as a CUDA torch install brings them), so
+    the CUDA provider finds them without `import torch` first; harmless where they are on the library path."""
+    global _preloaded
+    if not _preloaded and hasattr(ort, "preload_dlls"):
+        _preloaded = True
+        try:
+            ort.preload_dlls()
+        except Exception:  # the provider's own error, raised below, is the one worth showing
+            pass
 
 
 def numpy_dtype(ort_type: str):
