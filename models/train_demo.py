@@ -1,0 +1,521 @@
+"""Train the small demo model (models/demo/checkpoint) on the synthetic picture Q&A of demo_data.
+
+    python -m phi3v_edge.models.train_demo --out models/demo/checkpoint --minutes 18
+
+Exact Phi-3.5-vision architecture and key names (real 32064 vocab and tokenizer, LongRoPE, HD
+transform with 336-px crops and 14-px patches, CLIP tower, 2x2 merge, separators, MLP projector,
+Phi-3 decoder), narrow and shallow (DEMO_SIZES). PyTorch on 2 CPU threads, seeded; a fixed number
+of steps (--steps) so that a run is reproducible, with --minutes as a wall-clock safety cap.
+
+Speed tricks (training only; the model is unchanged):
+- the images are generated and processed once (Phi3VProcessor, fp16 in memory) into a pool of scenes;
+- "shared-prefix packing": one sequence holds the image prefix once and several question/answer
+  branches after it; each branch attends to the prefix and to itself only (block mask) and its
+  positions continue from the prefix, so each branch sees exactly what a separate sequence would
+  (checked at start-up against the model's own forward);
+- the loss is computed only at the answer tokens + <|end|> (lm_head applied to those rows only).
+  (--aux-frac > 0, off by default, experimental: the first fraction of the steps also trains
+  next-token prediction on the question text, at weight --aux-weight.)
+
+At the end the checkpoint is written in the Hugging Face layout (bf16 safetensors, config.json,
+tokenizer and processor files, preprocessor_config.json with num_crops = demo_data.NUM_CROPS), reloaded
+with Phi3VForCausalLM.from_pretrained, and the held-out exact-answer accuracy of greedy generate()
+is printed (and written to <out>/../eval.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import demo_data
+from .checkpoint import save_checkpoint
+from .config import ASSETS_DIR, Phi3VConfig
+from .modeling import Phi3VForCausalLM
+from .rope import apply_rope, rope_cos_sin
+
+END_ID = 32007  # <|end|>
+PAD_ID = 32000
+
+# narrow and shallow; vocab, tokenizer, crop/patch sizes and LongRoPE lengths stay the real ones
+DEMO_SIZES = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                  vision_hidden_size=32, vision_layers=3, vision_heads=2, vision_intermediate_size=128)
+
+
+def demo_config(hidden_size: int = 96, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                intermediate_size: int = 256, vision_hidden_size: int = 32, vision_layers: int = 3,
+                vision_heads: int = 2, vision_intermediate_size: int = 128) -> Phi3VConfig:
+    """The real config.json with demo sizes. LongRoPE kept: the real short/long factors, every k-th
+    one so that there are head_dim/2 of them (head_dim 24 -> every 4th of the 48); lengths unchanged.
+    The CLIP tower runs vision_layers - 1 layers (hidden_states[-2]); its last layer is stored unused."""
+    d = Phi3VConfig.phi35v().raw
+    head_dim = hidden_size // num_attention_heads
+    rs = d["rope_scaling"]
+    n_real = len(rs["short_factor"])
+    step = n_real // (head_dim // 2)
+    if step * (head_dim // 2) != n_real:
+        raise ValueError(f"head_dim {head_dim}: head_dim/2 must divide {n_real}")
+    d.update(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+             num_key_value_heads=num_attention_heads, intermediate_size=intermediate_size,
+             _name_or_path="phi3v-edge-demo")
+    d.pop("_attn_implementation", None)
+    d["rope_scaling"] = {"type": rs["type"], "short_factor": rs["short_factor"][::step],
+                         "long_factor": rs["long_factor"][::step]}
+    d["img_processor"] = dict(d["img_processor"], image_dim_out=vision_hidden_size, vision_config=dict(
+        hidden_size=vision_hidden_size, intermediate_size=vision_intermediate_size, num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+    return Phi3VConfig.from_dict(d)
+
+
+def init_weights(model: Phi3VForCausalLM, seed: int) -> None:
+    """GPT-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers), norms 1,
+    biases 0; small random separators and CLIP class/position embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):  # RMSNorm / LayerNorm scales
+                p.fill_(1.0)
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * n_layers), generator=g)
+            elif "patch_embedding" in name:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+# --------------------------------------------------------------------------------------- data pool
+@dataclass
+class PoolImage:
+    crops: torch.Tensor  # [1 + rows*cols, 3, 336, 336] fp16 (valid crops only, global view first)
+    grid: tuple[int, int]  # (rows, cols)
+    tokens: int  # placeholder tokens
+    scene: demo_data.Scene
+
+
+def process_image(proc, image) -> tuple[torch.Tensor, tuple[int, int], int]:
+    out = proc("<|image_1|>", images=[image])
+    h, w = (int(v) for v in out.image_sizes[0])
+    rows, cols = h // 336, w // 336
+    return torch.from_numpy(out.pixel_values[0, : 1 + rows * cols]), (rows, cols), int(out.num_img_tokens[0])
+
+
+def build_pool(proc, n: int, rng: np.random.Generator) -> list[PoolImage]:
+    pool = []
+    for _ in range(n):
+        scene = demo_data.make_scene(rng)
+        crops, grid, tokens = process_image(proc, scene.image)
+        scene.image = None  # keep only the facts; the pixels live in crops
+        pool.append(PoolImage(crops.half(), grid, tokens, scene))
+    return pool
+
+
+# ------------------------------------------------------------------------------ packed sequences
+@dataclass
+class Branch:
+    prompt: list[int]  # the text after the last image: BOS + "\n" + question + <|end|>\n<|assistant|>\n
+    target: list[int]  # answer tokens + <|end|>
+    task: str
+
+
+@dataclass
+class Group:
+    """Images + prefix ids (ending with the last image's placeholders) + question/answer branches."""
+    images: list  # per image: crops tensor [c, 3, 336, 336] (any float dtype)
+    grids: list[tuple[int, int]]
+    prefix: list[int]
+    branches: list[Branch]
+
+
+class Tokens:
+    """Prompt ids through the processor's own tokenize(); split into the shared prefix and the branch."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self._answer: dict[str, list[int]] = {}
+
+    def split(self, question: str, tokens: list[int]) -> tuple[list[int], list[int]]:
+        ex = {"images": [None] * len(tokens), "question": question}
+        ids = self.proc.tokenize(demo_data.prompt(ex), tokens)[0].tolist()
+        last = max(i for i, t in enumerate(ids) if t < 0)
+        return ids[: last + 1], ids[last + 1:]
+
+    def answer(self, answer: str) -> list[int]:
+        if answer not in self._answer:
+            self._answer[answer] = self.proc.tokenizer.encode(answer, bos=False) + [END_ID]
+        return self._answer[answer]
+
+    def check(self) -> None:
+        """prompt ids + answer ids == the processor's ids of prompt + answer + <|end|> (one string)."""
+        for a in demo_data.ANSWERS:
+            for q, t in (("What shape is shown?", [313]), ("Do both images have the same color?", [313, 457])):
+                pre, br = self.split(q, t)
+                ex = {"images": [None] * len(t), "question": q}
+                full = self.proc.tokenize(demo_data.prompt(ex) + a + "<|end|>", t)[0].tolist()
+                if pre + br + self.answer(a) != full:
+                    raise AssertionError(f"answer {a!r} does not tokenize the same after the prompt")
+
+
+def group_for(tok: Tokens, images: list[PoolImage], qas: list[tuple[str, str, str]], dtype=None) -> Group:
+    prefix = None
+    branches = []
+    for task, q, a in qas:
+        pre, br = tok.split(q, [im.tokens for im in images])
+        assert prefix is None or pre == prefix
+        prefix = pre
+        branches.append(Branch(br, tok.answer(a), task))
+    return Group([im.crops for im in images], [im.grid for im in images], prefix, branches)
+
+
+def collate(groups: list[Group], aux: bool = False):
+    """-> ids [B, S], positions [B, S], mask [B, 1, S, S] (True = may attend), labels [B, S] (-100 =
+    no loss; else the token that should follow this position), branch index [B, S] (-1 = none)."""
+    lens = [len(g.prefix) + sum(len(b.prompt) + len(b.target) for b in g.branches) for g in groups]
+    B, S = len(groups), max(lens)
+    ids = torch.full((B, S), PAD_ID, dtype=torch.long)
+    pos = torch.zeros((B, S), dtype=torch.long)
+    mask = torch.zeros((B, S, S), dtype=torch.bool)
+    labels = torch.full((B, S), -100, dtype=torch.long)
+    bidx = torch.full((B, S), -1, dtype=torch.long)
+    tasks = []
+    for b, g in enumerate(groups):
+        p = len(g.prefix)
+        ids[b, :p] = torch.tensor(g.prefix)
+        pos[b, :p] = torch.arange(p)
+        mask[b, :p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        o = p
+        for br in g.branches:
+            seq = br.prompt + br.target
+            n = len(seq)
+            ids[b, o:o + n] = torch.tensor(seq)
+            pos[b, o:o + n] = torch.arange(p, p + n)
+            mask[b, o:o + n, :p] = True
+            mask[b, o:o + n, o:o + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            t0 = o + len(br.prompt) - 1  # this position predicts the first target token
+            if aux:  # next-token targets inside the question text (auxiliary, early training only)
+                labels[b, o:t0] = torch.tensor(seq[1:len(br.prompt)])
+            labels[b, t0:t0 + len(br.target)] = torch.tensor(br.target)
+            bidx[b, t0:t0 + len(br.target)] = len(tasks)
+            tasks.append(br.task)
+            o += n
+        for i in range(o, S):  # padding rows attend to themselves only (no NaN); their outputs are unused
+            mask[b, i, i] = True
+    return ids, pos, mask[:, None], labels, bidx, tasks
+
+
+def image_features(model: Phi3VForCausalLM, groups: list[Group]) -> torch.Tensor:
+    """Every image of every group, in order -> [sum T, hidden] (vision tower run once on all crops)."""
+    emb = model.model.vision_embed_tokens
+    crops = torch.cat([c for g in groups for c in g.images]).float()
+    merged = emb.crop_features(crops)  # [C, 12, 12, 4 * vision_hidden]
+    feats, i = [], 0
+    for g in groups:
+        for c, (r, col) in zip(g.images, g.grids):
+            feats.append(emb.layout(merged[i:i + c.shape[0]], r, col))
+            i += c.shape[0]
+    return emb.img_projection(torch.cat(feats))
+
+
+def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = False):
+    """-> logits at the labelled rows [N, vocab], labels [N], branch index [N] (-1: an auxiliary
+    question-text row, only with aux=True), tasks."""
+    cfg = model.config
+    ids, pos, mask, labels, bidx, tasks = collate(groups, aux)
+    x = model.model.embed_tokens(ids.clamp_min(0))
+    img = ids < 0
+    x = x.masked_scatter(img[..., None], image_features(model, groups).to(x.dtype))
+    cos, sin = rope_cos_sin(cfg, pos)
+    B, S, _ = x.shape
+    for layer in model.model.layers:
+        a = layer.self_attn
+        q, k, v = a.qkv_proj(layer.input_layernorm(x)).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(B, S, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, S, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, S, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + a.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    rows = labels >= 0
+    logits = model.lm_head(model.model.norm(x[rows]))
+    return logits, labels[rows], bidx[rows], tasks
+
+
+def branch_correct(logits, labels, bidx, n_branches) -> torch.Tensor:
+    """[n_branches] bool: every target token of the branch is the argmax (= greedy decoding gives it)."""
+    ok = torch.ones(n_branches, dtype=torch.bool)
+    wrong = (logits.argmax(-1) != labels) & (bidx >= 0)
+    ok[bidx[wrong]] = False
+    return ok
+
+
+def check_packing(model: Phi3VForCausalLM, group: Group) -> float:
+    """Max |difference| between a packed branch's logits and the model's own forward on that branch alone."""
+    model.eval()
+    with torch.no_grad():
+        logits, labels, bidx, _ = packed_forward(model, [group])
+        worst = 0.0
+        for j, br in enumerate(group.branches):
+            ids = torch.tensor([group.prefix + br.prompt + br.target])
+            pv = torch.zeros(len(group.images), max(c.shape[0] for c in group.images), 3, 336, 336)
+            for i, c in enumerate(group.images):
+                pv[i, : c.shape[0]] = c.float()
+            sizes = torch.tensor([[r * 336, c * 336] for r, c in group.grids])
+            ref = model(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits[0]
+            t0 = len(group.prefix) + len(br.prompt) - 1
+            ref = ref[t0:t0 + len(br.target)]
+            worst = max(worst, float((ref - logits[bidx == j]).abs().max()))
+    model.train()
+    return worst
+
+
+# ------------------------------------------------------------------------------------- training
+class Sampler:
+    """Training groups from the pool: one-image groups ask every single-image question that fits
+    (color, shape, count, and left/right + top/bottom for one object); two-image groups ask the three
+    comparisons (counts always differ; same color and same shape each with probability 1/2)."""
+
+    def __init__(self, pool: list[PoolImage], tok: Tokens, rng: np.random.Generator):
+        self.pool, self.tok, self.rng = pool, tok, rng
+        self.by_key = defaultdict(list)
+        for i, p in enumerate(pool):
+            s = p.scene
+            self.by_key[(s.count, s.shape, s.color)].append(i)
+
+    def single(self) -> Group:
+        p = self.pool[int(self.rng.integers(len(self.pool)))]
+        tasks = ["color", "shape", "count"] + (["leftright", "topbottom"] if p.scene.count == 1 else [])
+        qas = [(t, *demo_data.single_question(p.scene, t)) for t in tasks]
+        return group_for(self.tok, [p], qas)
+
+    def pair(self) -> Group:
+        rng = self.rng
+        a = self.pool[int(rng.integers(len(self.pool)))]
+        s = a.scene
+        for _ in range(100):
+            count = int(rng.integers(1, demo_data.MAX_OBJECTS + 1))
+            if count == s.count:
+                continue
+            shape = s.shape if rng.random() < 0.5 else demo_data._pick(rng, [x for x in demo_data.SHAPES if x != s.shape])
+            color = s.color if rng.random() < 0.5 else demo_data._pick(rng, [x for x in demo_data.COLORS if x != s.color])
+            cands = self.by_key.get((count, shape, color))
+            if cands:
+                b = self.pool[cands[int(rng.integers(len(cands)))]]
+                break
+        else:
+            raise RuntimeError("pool too small to find image pairs")
+        if rng.random() < 0.5:
+            a, b = b, a
+        qas = [(t, *demo_data.pair_question(a.scene, b.scene, t)) for t in demo_data.PAIR_TASKS]
+        return group_for(self.tok, [a, b], qas)
+
+
+def heldout_groups(proc, tok: Tokens, n: int) -> tuple[list[Group], list[dict]]:
+    """The first n held-out examples as one-branch groups (fp32 pixels, exactly as inference sees them)."""
+    exs = demo_data.dataset("heldout", n)
+    groups = []
+    for ex in exs:
+        out = proc(demo_data.prompt(ex), images=ex["images"])
+        imgs = []
+        for i, t in enumerate(out.num_img_tokens):
+            h, w = (int(v) // 336 for v in out.image_sizes[i])
+            imgs.append(PoolImage(torch.from_numpy(out.pixel_values[i, : 1 + h * w].copy()), (h, w), t, None))
+        groups.append(group_for(tok, imgs, [(ex["task"], ex["question"], ex["answer"])]))
+    return groups, exs
+
+
+def teacher_forced_accuracy(model, groups: list[Group], batch: int = 8) -> tuple[float, dict]:
+    """Exact-answer accuracy with teacher forcing (= greedy decoding of the answer: every answer token
+    and <|end|> is the argmax)."""
+    model.eval()
+    per = defaultdict(lambda: [0, 0])
+    with torch.no_grad():
+        for i in range(0, len(groups), batch):
+            logits, labels, bidx, tasks = packed_forward(model, groups[i:i + batch])
+            ok = branch_correct(logits, labels, bidx, len(tasks))
+            for t, k in zip(tasks, ok.tolist()):
+                per[t][0] += k
+                per[t][1] += 1
+    model.train()
+    total = sum(v[0] for v in per.values()) / max(1, sum(v[1] for v in per.values()))
+    return total, {t: round(v[0] / v[1], 3) for t, v in sorted(per.items())}
+
+
+def generate_accuracy(checkpoint: str | Path, n: int, verbose: bool = False) -> dict:
+    """Held-out exact-answer accuracy of greedy Phi3VForCausalLM.generate() on the saved checkpoint."""
+    from ..runtime.processor import Phi3VProcessor
+    from ..runtime.tokenizer import Phi3VTokenizer
+
+    model = Phi3VForCausalLM.from_pretrained(checkpoint)
+    proc = Phi3VProcessor.from_pretrained(checkpoint)
+    detok = Phi3VTokenizer.from_pretrained(checkpoint)
+    per = defaultdict(lambda: [0, 0])
+    wrong = []
+    for ex in demo_data.dataset("heldout", n):
+        out = proc(demo_data.prompt(ex), images=ex["images"])
+        new = model.generate(torch.from_numpy(out.input_ids), torch.from_numpy(out.pixel_values),
+                             torch.from_numpy(out.image_sizes), max_new_tokens=8)
+        text = detok.decode([t for t in new if t not in model.config.stop_ids]).strip()
+        ok = text == ex["answer"] and new[-1] == END_ID
+        per[ex["task"]][0] += ok
+        per[ex["task"]][1] += 1
+        if not ok:
+            wrong.append((ex["task"], ex["question"], ex["answer"], text))
+    correct = sum(v[0] for v in per.values())
+    res = {"n": n, "correct": correct, "accuracy": correct / n,
+           "per_task": {t: f"{v[0]}/{v[1]}" for t, v in sorted(per.items())}, "wrong": wrong[:20]}
+    if verbose:
+        print(json.dumps(res, indent=1))
+    return res
+
+
+def write_checkpoint(model: Phi3VForCausalLM, out: Path) -> Path:
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    save_checkpoint(state, out, config=model.config, dtype=torch.bfloat16, side_files_from=ASSETS_DIR)
+    pp = json.loads((ASSETS_DIR / "preprocessor_config.json").read_text())
+    pp["num_crops"] = demo_data.NUM_CROPS
+    (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=2) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="models/demo/checkpoint")
+    ap.add_argument("--minutes", type=float, default=18.0, help="wall-clock cap for pool + training (safety)")
+    ap.add_argument("--steps", type=int, default=1100)
+    ap.add_argument("--pool", type=int, default=1500, help="processed training images")
+    ap.add_argument("--singles", type=int, default=4, help="one-image groups per step")
+    ap.add_argument("--pairs", type=int, default=2, help="two-image groups per step")
+    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--aux-frac", type=float, default=0.0,
+                    help="fraction of the steps that also train next-token prediction on the question text")
+    ap.add_argument("--aux-weight", type=float, default=0.3)
+    ap.add_argument("--gpt-init", action="store_true", help="N(0, 0.02) init instead of PyTorch's default")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=0, help="teacher-forced held-out check every N steps")
+    ap.add_argument("--eval-n", type=int, default=300, help="held-out examples for the final generate() check")
+    ap.add_argument("--threads", type=int, default=2)
+    for k, v in DEMO_SIZES.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
+    args = ap.parse_args(argv)
+
+    from ..runtime.processor import Phi3VProcessor
+
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(demo_data.SPLIT_SEEDS["train"] + args.seed)
+    cfg = demo_config(**{k: getattr(args, k) for k in DEMO_SIZES})
+    model = Phi3VForCausalLM(cfg)  # PyTorch's default init (seeded): it learned faster than a GPT-style 0.02 init
+    if args.gpt_init:
+        init_weights(model, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vision = sum(p.numel() for p in model.model.vision_embed_tokens.parameters())
+    print(f"model: {n_params / 1e6:.2f}M params ({n_vision / 1e6:.3f}M image side, "
+          f"{2 * cfg.vocab_size * cfg.hidden_size / 1e6:.2f}M embedding + lm_head); {cfg.num_hidden_layers} layers, "
+          f"hidden {cfg.hidden_size}, vision hidden {cfg.vision.hidden_size} x {cfg.vision.num_hidden_layers} layers",
+          flush=True)
+
+    proc = Phi3VProcessor.from_pretrained(ASSETS_DIR, num_crops=demo_data.NUM_CROPS)
+    tok = Tokens(proc)
+    tok.check()
+    pool = build_pool(proc, args.pool, rng)
+    grids = defaultdict(int)
+    for p in pool:
+        grids[p.grid] += 1
+    print(f"pool: {len(pool)} images in {time.time() - t_start:.0f}s; crop grids {dict(grids)}", flush=True)
+    sampler = Sampler(pool, tok, rng)
+    diff = check_packing(model, sampler.pair())
+    print(f"packing check: max |logit diff| vs plain forward = {diff:.2e}", flush=True)
+    assert diff < 1e-3, diff
+    tf_groups = heldout_groups(proc, tok, 120)[0] if args.eval_every else None
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "GN" in name or "embed" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    t_train = time.time()
+    stats = defaultdict(lambda: [0, 0])
+    loss_avg = None
+    step = 0
+    for step in range(args.steps):
+        if time.time() - t_start > args.minutes * 60:
+            print(f"stopping at step {step}: the {args.minutes} minute cap was reached", flush=True)
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        batches = [[sampler.single() for _ in range(args.singles)], [sampler.pair() for _ in range(args.pairs)]]
+        aux = step < args.aux_frac * args.steps
+        total_rows = 0
+        parts = []
+        for groups in batches:
+            if not groups:
+                continue
+            logits, labels, bidx, tasks = packed_forward(model, groups, aux)
+            parts.append((logits, labels, bidx, tasks))
+            total_rows += int((bidx >= 0).sum())
+        loss_val = 0.0
+        for i, (logits, labels, bidx, tasks) in enumerate(parts):
+            w = torch.where(bidx >= 0, 1.0, args.aux_weight)
+            loss = (F.cross_entropy(logits.float(), labels, reduction="none") * w).sum() / total_rows
+            loss.backward()
+            loss_val += loss.item()
+            ok = branch_correct(logits.detach(), labels, bidx, len(tasks))
+            for t, k in zip(tasks, ok.tolist()):
+                stats[t][0] += k
+                stats[t][1] += 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
+        if (step + 1) % 10 == 0:
+            acc = {t: round(v[0] / v[1], 2) for t, v in sorted(stats.items())}
+            print(f"step {step + 1} loss {loss_avg:.3f} lr {lr_at(step):.2e} {time.time() - t_train:.0f}s "
+                  f"train-acc {acc}", flush=True)
+            stats.clear()
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            acc, per = teacher_forced_accuracy(model, tf_groups)
+            print(f"  held-out (teacher-forced, {len(tf_groups)}): {acc:.3f} {per}", flush=True)
+    train_s = time.time() - t_train
+    total_s = time.time() - t_start
+    print(f"trained {step + 1} steps in {train_s:.0f}s ({total_s:.0f}s with data)", flush=True)
+
+    out = write_checkpoint(model, Path(args.out))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"checkpoint: {out} ({size / 1e6:.1f} MB)", flush=True)
+    t_eval = time.time()
+    res = generate_accuracy(out, args.eval_n)
+    res.update(steps=step + 1, train_seconds=round(train_s), total_seconds=round(total_s),
+               eval_seconds=round(time.time() - t_eval), params=n_params, checkpoint_bytes=size,
+               args=vars(args), num_crops=demo_data.NUM_CROPS)
+    print(f"held-out exact-answer accuracy (greedy generate, {res['n']} examples): {res['accuracy']:.3f} "
+          f"{res['per_task']}", flush=True)
+    if res["wrong"]:
+        print("wrong:", res["wrong"][:10])
+    (out.parent / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
