@@ -144,6 +144,10 @@ class Phi3VConfig:
             cfg.num_key_value_heads = cfg.num_attention_heads
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ConfigError(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}")
+        if cfg.head_dim % 16:
+            raise ConfigError(f"head_dim {cfg.head_dim} (hidden_size {cfg.hidden_size} / {cfg.num_attention_heads} heads) "
+                              "must be a multiple of 16: ONNX Runtime's GroupQueryAttention kernels require it, so "
+                              "such a model could not be exported (Phi-3.5-vision has 96)")
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads {cfg.num_attention_heads} is not a multiple of num_key_value_heads {cfg.num_key_value_heads}")

@@ -51,6 +51,7 @@ def _mutate(fn):
     (lambda d: d["img_processor"].update(vision_config={"hidden_size": 64, "num_attention_heads": 2}), "image_dim_out"),
     (lambda d: d["img_processor"].update(vision_config={"hidden_sizee": 64}), "unknown"),
     (lambda d: d["img_processor"].update(name="siglip"), "siglip"),
+    (lambda d: d.update(num_attention_heads=128, num_key_value_heads=128), "head_dim 24 .* multiple of 16"),
 ])
 def test_unsupported_config_values_are_clear_errors(mutate, match):
     with pytest.raises(ConfigError, match=match):
