@@ -1,6 +1,7 @@
 """Train the small demo model (models/demo/checkpoint) on the synthetic picture Q&A of demo_data.
 
-    python -m phi3v_edge.models.train_demo --out models/demo/checkpoint --minutes 18
+    python -m phi3v_edge.models.train_demo --out models/demo/checkpoint --steps 1450 --pool 1800 --minutes 20 \
+        --scene-decay 1.0 --scene-floor 0.3
 
 Exact Phi-3.5-vision architecture and key names (real 32064 vocab and tokenizer, LongRoPE, HD
 transform with 336-px crops and 14-px patches, CLIP tower, 2x2 merge, separators, MLP projector,
@@ -14,6 +15,11 @@ Speed tricks (training only; the model is unchanged):
   positions continue from the prefix, so each branch sees exactly what a separate sequence would
   (checked at start-up against the model's own forward);
 - the loss is computed only at the answer tokens + <|end|> (lm_head applied to those rows only).
+
+Training-only help for the image side (nothing of it is saved; the model and its keys are unchanged):
+- a scene-attribute loss (SceneHeads, --scene-weight): a linear probe on the mean of each image's
+  projected tokens predicts the scene's color, shape, count and (one object) left/right, top/bottom;
+- the CLIP position embeddings start as a 2D sin/cos table (--sincos-pos) instead of N(0, 1).
   (--aux-frac > 0, off by default, experimental: the first fraction of the steps also trains
   next-token prediction on the question text, at weight --aux-weight.)
 
@@ -46,11 +52,11 @@ END_ID = 32007  # <|end|>
 PAD_ID = 32000
 
 # narrow and shallow; vocab, tokenizer, crop/patch sizes and LongRoPE lengths stay the real ones
-DEMO_SIZES = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+DEMO_SIZES = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                   vision_hidden_size=32, vision_layers=3, vision_heads=2, vision_intermediate_size=128)
 
 
-def demo_config(hidden_size: int = 96, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+def demo_config(hidden_size: int = 128, num_hidden_layers: int = 2, num_attention_heads: int = 4,
                 intermediate_size: int = 256, vision_hidden_size: int = 32, vision_layers: int = 3,
                 vision_heads: int = 2, vision_intermediate_size: int = 128) -> Phi3VConfig:
     """The real config.json with demo sizes. LongRoPE kept: the real short/long factors, every k-th
@@ -95,6 +101,25 @@ def init_weights(model: Phi3VForCausalLM, seed: int) -> None:
                 p.normal_(0.0, 0.02, generator=g)
 
 
+def init_vision_positions(model: Phi3VForCausalLM, scale: float = 0.5) -> None:
+    """Structured init of the CLIP tower's learned position embeddings (the parameter is unchanged):
+    a 2D sine/cosine table (half the channels for the column, half for the row; the class position 0),
+    so that "where in the crop" is a linear function of the embedding from step 0. PyTorch's default
+    N(0, 1) gives 576 unrelated vectors, each of which must be learned from the few objects covering it."""
+    emb = model.model.vision_embed_tokens.img_processor.vision_model.embeddings
+    d = emb.position_embedding.weight.shape[1]
+    side = int(round((emb.num_positions - 1) ** 0.5))
+    q = d // 4
+    freqs = 1.0 / (side ** (torch.arange(q, dtype=torch.float32) / max(1, q - 1)))  # 1 ... 1/side rad per patch
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    ang_x, ang_y = xs.flatten()[:, None] * freqs * math.pi / 2, ys.flatten()[:, None] * freqs * math.pi / 2
+    table = torch.cat([ang_x.sin(), ang_x.cos(), ang_y.sin(), ang_y.cos()], dim=1)  # [side*side, 4q]
+    with torch.no_grad():
+        emb.position_embedding.weight.zero_()
+        emb.position_embedding.weight[1:, : 4 * q] = scale * table
+
+
 # --------------------------------------------------------------------------------------- data pool
 @dataclass
 class PoolImage:
@@ -136,6 +161,7 @@ class Group:
     grids: list[tuple[int, int]]
     prefix: list[int]
     branches: list[Branch]
+    scenes: list | None = None  # per image: the demo_data.Scene (training pool only; for the auxiliary loss)
 
 
 class Tokens:
@@ -175,7 +201,8 @@ def group_for(tok: Tokens, images: list[PoolImage], qas: list[tuple[str, str, st
         assert prefix is None or pre == prefix
         prefix = pre
         branches.append(Branch(br, tok.answer(a), task))
-    return Group([im.crops for im in images], [im.grid for im in images], prefix, branches)
+    return Group([im.crops for im in images], [im.grid for im in images], prefix, branches,
+                 [im.scene for im in images])
 
 
 def collate(groups: list[Group], aux: bool = False):
@@ -214,8 +241,9 @@ def collate(groups: list[Group], aux: bool = False):
     return ids, pos, mask[:, None], labels, bidx, tasks
 
 
-def image_features(model: Phi3VForCausalLM, groups: list[Group]) -> torch.Tensor:
-    """Every image of every group, in order -> [sum T, hidden] (vision tower run once on all crops)."""
+def image_features(model: Phi3VForCausalLM, groups: list[Group], lens: list | None = None) -> torch.Tensor:
+    """Every image of every group, in order -> [sum T, hidden] (vision tower run once on all crops);
+    the token count of each image is appended to `lens` if given."""
     emb = model.model.vision_embed_tokens
     crops = torch.cat([c for g in groups for c in g.images]).float()
     merged = emb.crop_features(crops)  # [C, 12, 12, 4 * vision_hidden]
@@ -223,18 +251,23 @@ def image_features(model: Phi3VForCausalLM, groups: list[Group]) -> torch.Tensor
     for g in groups:
         for c, (r, col) in zip(g.images, g.grids):
             feats.append(emb.layout(merged[i:i + c.shape[0]], r, col))
+            if lens is not None:
+                lens.append(feats[-1].shape[0])
             i += c.shape[0]
     return emb.img_projection(torch.cat(feats))
 
 
-def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = False):
+def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = False, image_means: bool = False):
     """-> logits at the labelled rows [N, vocab], labels [N], branch index [N] (-1: an auxiliary
-    question-text row, only with aux=True), tasks."""
+    question-text row, only with aux=True), tasks (+ with image_means=True: the mean of each image's
+    projected tokens [n_images, hidden], what a uniform attention over the image would read)."""
     cfg = model.config
     ids, pos, mask, labels, bidx, tasks = collate(groups, aux)
     x = model.model.embed_tokens(ids.clamp_min(0))
     img = ids < 0
-    x = x.masked_scatter(img[..., None], image_features(model, groups).to(x.dtype))
+    lens: list[int] = []
+    feats = image_features(model, groups, lens)
+    x = x.masked_scatter(img[..., None], feats.to(x.dtype))
     cos, sin = rope_cos_sin(cfg, pos)
     B, S, _ = x.shape
     for layer in model.model.layers:
@@ -249,7 +282,49 @@ def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = Fal
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     rows = labels >= 0
     logits = model.lm_head(model.model.norm(x[rows]))
+    if image_means:
+        return logits, labels[rows], bidx[rows], tasks, feats.split(lens)
     return logits, labels[rows], bidx[rows], tasks
+
+
+class SceneHeads(torch.nn.Module):
+    """Training-only linear probes (never saved) on the mean of an image's projected tokens: color (6),
+    shape (3), count (4), and for one-object scenes horizontal (2) and vertical (2) position. They give
+    the image side a direct, dense signal; the mean is what the answer position reads while the
+    decoder's attention over the image is still near-uniform."""
+
+    SPLITS = (len(demo_data.COLORS), len(demo_data.SHAPES), demo_data.MAX_OBJECTS, 2, 2)
+
+    def __init__(self, hidden: int, queries: int = 0):
+        super().__init__()
+        self.queries = queries
+        if queries:  # attention pooling: `queries` learned queries over the image's tokens, like a decoder head
+            self.key = torch.nn.Linear(hidden, queries)
+        self.head = torch.nn.Linear(hidden * max(1, queries), sum(self.SPLITS))
+        self.colors = list(demo_data.COLORS)
+
+    def pool(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if not self.queries:
+            return torch.stack([f.mean(0) for f in feats])
+        return torch.stack([(self.key(f).softmax(0).T @ f).flatten() for f in feats])
+
+    def forward(self, feats: list[torch.Tensor], scenes: list) -> tuple[torch.Tensor, dict]:
+        col, shp, cnt, hor, ver = self.head(self.pool(feats).float()).split(self.SPLITS, dim=-1)
+        y_col = torch.tensor([self.colors.index(s.color) for s in scenes])
+        y_shp = torch.tensor([demo_data.SHAPES.index(s.shape) for s in scenes])
+        y_cnt = torch.tensor([s.count - 1 for s in scenes])
+        one = torch.tensor([s.count == 1 for s in scenes])
+        loss = F.cross_entropy(col, y_col) + F.cross_entropy(shp, y_shp) + F.cross_entropy(cnt, y_cnt)
+        acc = {"color": (col.argmax(-1) == y_col).float().mean().item(),
+               "shape": (shp.argmax(-1) == y_shp).float().mean().item(),
+               "count": (cnt.argmax(-1) == y_cnt).float().mean().item()}
+        if one.any():
+            y_hor = torch.tensor([s.horizontal == "right" for s in scenes], dtype=torch.long)[one]
+            y_ver = torch.tensor([s.vertical == "bottom" for s in scenes], dtype=torch.long)[one]
+            loss = loss + F.cross_entropy(hor[one], y_hor) + F.cross_entropy(ver[one], y_ver)
+            acc["hor"] = (hor[one].argmax(-1) == y_hor).float().mean().item()
+            acc["ver"] = (ver[one].argmax(-1) == y_ver).float().mean().item()
+        return loss, acc
 
 
 def branch_correct(logits, labels, bidx, n_branches) -> torch.Tensor:
@@ -402,6 +477,18 @@ def main(argv=None) -> int:
                     help="fraction of the steps that also train next-token prediction on the question text")
     ap.add_argument("--aux-weight", type=float, default=0.3)
     ap.add_argument("--gpt-init", action="store_true", help="N(0, 0.02) init instead of PyTorch's default")
+    ap.add_argument("--scene-weight", type=float, default=1.0,
+                    help="weight of the training-only scene-attribute loss on the image features (0: off)")
+    ap.add_argument("--scene-decay", type=float, default=0.5,
+                    help="fraction of the steps over which that weight decays linearly to --scene-floor of it")
+    ap.add_argument("--scene-floor", type=float, default=0.1)
+    ap.add_argument("--sincos-pos", type=float, default=0.5,
+                    help="init the CLIP position embeddings as a 2D sin/cos table of this amplitude (0: PyTorch default)")
+    ap.add_argument("--scene-queries", type=int, default=0, help="attention pooling for the scene heads (0: mean)")
+    ap.add_argument("--single-steps", type=int, default=0,
+                    help="curriculum: the first N steps use one-image groups only (singles + pairs of them)")
+    ap.add_argument("--probe", type=int, default=0,
+                    help="probe run: teacher-forced accuracy on this many held-out examples at the end, no checkpoint")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=0, help="teacher-forced held-out check every N steps")
@@ -421,6 +508,8 @@ def main(argv=None) -> int:
     model = Phi3VForCausalLM(cfg)  # PyTorch's default init (seeded): it learned faster than a GPT-style 0.02 init
     if args.gpt_init:
         init_weights(model, args.seed)
+    if args.sincos_pos > 0:
+        init_vision_positions(model, args.sincos_pos)
     n_params = sum(p.numel() for p in model.parameters())
     n_vision = sum(p.numel() for p in model.model.vision_embed_tokens.parameters())
     print(f"model: {n_params / 1e6:.2f}M params ({n_vision / 1e6:.3f}M image side, "
@@ -442,8 +531,9 @@ def main(argv=None) -> int:
     assert diff < 1e-3, diff
     tf_groups = heldout_groups(proc, tok, 120)[0] if args.eval_every else None
 
+    heads = SceneHeads(cfg.hidden_size, args.scene_queries)  # training only, never saved
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in list(model.named_parameters()) + [("aux." + n, p) for n, p in heads.named_parameters()]:
         (no_decay if p.dim() < 2 or "GN" in name or "embed" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -454,9 +544,14 @@ def main(argv=None) -> int:
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    def scene_weight(step):
+        t = min(1.0, step / max(1, args.scene_decay * args.steps))
+        return args.scene_weight * (1 - (1 - args.scene_floor) * t)
+
     model.train()
     t_train = time.time()
     stats = defaultdict(lambda: [0, 0])
+    scene_stats = defaultdict(lambda: [0.0, 0])
     loss_avg = None
     step = 0
     for step in range(args.steps):
@@ -466,40 +561,56 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        batches = [[sampler.single() for _ in range(args.singles)], [sampler.pair() for _ in range(args.pairs)]]
+        if step < args.single_steps:
+            batches = [[sampler.single() for _ in range(args.singles + args.pairs)], []]
+        else:
+            batches = [[sampler.single() for _ in range(args.singles)], [sampler.pair() for _ in range(args.pairs)]]
         aux = step < args.aux_frac * args.steps
+        sw = scene_weight(step)
         total_rows = 0
         parts = []
         for groups in batches:
             if not groups:
                 continue
-            logits, labels, bidx, tasks = packed_forward(model, groups, aux)
-            parts.append((logits, labels, bidx, tasks))
+            logits, labels, bidx, tasks, means = packed_forward(model, groups, aux, image_means=True)
+            parts.append((logits, labels, bidx, tasks, means, [s for g in groups for s in g.scenes]))
             total_rows += int((bidx >= 0).sum())
         loss_val = 0.0
-        for i, (logits, labels, bidx, tasks) in enumerate(parts):
+        for i, (logits, labels, bidx, tasks, means, scenes) in enumerate(parts):
             w = torch.where(bidx >= 0, 1.0, args.aux_weight)
             loss = (F.cross_entropy(logits.float(), labels, reduction="none") * w).sum() / total_rows
+            if sw > 0:
+                s_loss, s_acc = heads(means, scenes)
+                loss = loss + sw * s_loss * len(scenes) / sum(len(p[5]) for p in parts)
+                for k, v in s_acc.items():
+                    scene_stats[k][0] += v
+                    scene_stats[k][1] += 1
             loss.backward()
             loss_val += loss.item()
             ok = branch_correct(logits.detach(), labels, bidx, len(tasks))
             for t, k in zip(tasks, ok.tolist()):
                 stats[t][0] += k
                 stats[t][1] += 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
         opt.step()
         loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
         if (step + 1) % 10 == 0:
             acc = {t: round(v[0] / v[1], 2) for t, v in sorted(stats.items())}
             print(f"step {step + 1} loss {loss_avg:.3f} lr {lr_at(step):.2e} {time.time() - t_train:.0f}s "
-                  f"train-acc {acc}", flush=True)
+                  f"train-acc {acc}" + (f" scene-probe {({k: round(v[0] / v[1], 2) for k, v in scene_stats.items()})}"
+                                        if scene_stats else ""), flush=True)
             stats.clear()
+            scene_stats.clear()
         if args.eval_every and (step + 1) % args.eval_every == 0:
             acc, per = teacher_forced_accuracy(model, tf_groups)
             print(f"  held-out (teacher-forced, {len(tf_groups)}): {acc:.3f} {per}", flush=True)
     train_s = time.time() - t_train
     total_s = time.time() - t_start
     print(f"trained {step + 1} steps in {train_s:.0f}s ({total_s:.0f}s with data)", flush=True)
+    if args.probe:
+        acc, per = teacher_forced_accuracy(model, heldout_groups(proc, tok, args.probe)[0])
+        print(f"PROBE held-out (teacher-forced, {args.probe}): {acc:.3f} {per}", flush=True)
+        return 0
 
     out = write_checkpoint(model, Path(args.out))
     size = sum(f.stat().st_size for f in out.iterdir())
