@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,10 @@ class ConfigError(ValueError):
     """A config.json value this project does not support (or that is inconsistent)."""
 
 
-# CLIP ViT-L/14-336, the tower implied by `img_processor.model_name` (its config is not in config.json).
-CLIP_VIT_L_14_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_channels=3,
-    image_size=336,
-    patch_size=14,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
-
-
 @dataclass
 class VisionConfig:
-    """The CLIP vision tower (HF CLIPVisionConfig field names)."""
+    """The CLIP vision tower (HF CLIPVisionConfig field names); the defaults are CLIP ViT-L/14-336, the tower
+    implied by `img_processor.model_name` (its config is not in config.json)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -56,6 +43,9 @@ class VisionConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+CLIP_VIT_L_14_336 = asdict(VisionConfig())
 
 
 @dataclass

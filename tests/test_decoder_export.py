@@ -323,7 +323,7 @@ def test_bad_options_raise_before_writing(ckpt, tmp_path):
         build_decoder(reader, cfg, tmp_path / "c", precision="int4", embedding_precision="int4")
     with pytest.raises(ValueError, match="io_dtype"):
         build_decoder(reader, cfg, tmp_path / "d", precision="fp32", io_dtype="bfloat16")
-    odd = tiny_config(hidden_size=96, num_heads=4, intermediate_size=192)
+    odd = tiny_config(hidden_size=96, num_heads=6, intermediate_size=192)  # head_dim 16
     with pytest.raises(ValueError, match="not divisible by the block size 64"):
         resolve_options(odd, "int4", block_size=64)
     with pytest.raises(ValueError, match="not divisible by the block size 64"):
