@@ -16,8 +16,11 @@ from phi3v_edge.models.checkpoint import SIDE_FILES, CheckpointReader, resolve_c
 from phi3v_edge.models.config import ASSETS_DIR, Phi3VConfig
 from phi3v_edge.runtime import bundle as fmt
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-VISION_PRECISIONS = ("fp32", "fp16", "int8")
+from .decoder_graph import build_decoder
+from .graph_builder import PRECISIONS
+from .vision_graph import PRECISIONS as VISION_PRECISIONS
+from .vision_graph import build_vision
+
 BLOCK_SIZES = (32, 64, 128)
 REQUIRED_SIDE_FILES = ("tokenizer.json", "preprocessor_config.json")
 
@@ -60,10 +63,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     cfg = Phi3VConfig.from_json(src)
     reader = CheckpointReader(src)
     _check_keys(reader, cfg)
-
-    # imported here: the graph builders pull in onnx
-    from .decoder_graph import build_decoder
-    from .vision_graph import build_vision
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

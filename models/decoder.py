@@ -49,8 +49,12 @@ class KVCache:
         return k, v
 
 
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def _flash_attn_usable(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and has_flash_attn()
 
 
 class Phi3Attention(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 
 from .checkpoint import load_weights, resolve_checkpoint
 from .config import Phi3VConfig
-from .decoder import KVCache, Phi3DecoderLayer, RMSNorm
+from .decoder import KVCache, Phi3DecoderLayer, RMSNorm, has_flash_attn
 from .rope import rope_cos_sin
 from .sampling import sample_next
 from .vision import Phi3ImageEmbedding
@@ -60,7 +60,7 @@ class Phi3VForCausalLM(nn.Module):
         dev = next(self.parameters()).device
         if impl is None:
             if dev.type == "cuda":
-                impl = "flash_attention_2" if _has_flash_attn() else "sdpa"
+                impl = "flash_attention_2" if has_flash_attn() else "sdpa"
             else:
                 impl = "eager"
         if impl not in ("eager", "sdpa", "flash_attention_2"):
@@ -139,9 +139,3 @@ class Phi3VForCausalLM(nn.Module):
             else:
                 logits = self(inputs_embeds=new, cache=cache).logits[:, -1]
         return out
-
-
-def _has_flash_attn() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None

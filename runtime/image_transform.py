@@ -11,12 +11,9 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Side of one CLIP crop (ViT-L/14-336) in pixels.
-CROP = 336
-# Every crop becomes 12x12 = 144 tokens after the 2x2 merge of the 24x24 CLIP patch grid.
-TOKENS_PER_CROP = 144
-# Each row of merged tokens is followed by one separator (sub_GN); 336 px -> 12 token rows.
-ROWS_PER_CROP = 12
+from . import image_layout
+from .image_layout import CROP  # side of one CLIP crop (ViT-L/14-336) in pixels
+
 NUM_CROPS_MIN, NUM_CROPS_MAX = 1, 16
 DEFAULT_NUM_CROPS = 4
 # Refuse images above this many pixels (decompression bombs). Configurable per call / processor.
@@ -167,8 +164,7 @@ def hd_image_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
 
 def num_image_tokens(h: int, w: int) -> int:
     """Placeholder tokens for one image whose padded HD size is h x w (multiples of 336)."""
-    rows, cols = h // CROP, w // CROP
-    return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * ROWS_PER_CROP
+    return image_layout.num_image_tokens(*image_layout.image_grid((h, w)))
 
 
 def num_image_tokens_for(width: int, height: int, num_crops: int = DEFAULT_NUM_CROPS) -> int:

@@ -50,12 +50,10 @@ def test_existing_output_needs_force_and_is_replaced_whole(tiny_checkpoint, tmp_
 
 
 def test_failed_export_leaves_nothing_that_looks_like_a_bundle(tiny_checkpoint, tmp_path, monkeypatch):
-    from phi3v_edge.export import decoder_graph
-
     def boom(*a, **k):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(decoder_graph, "build_decoder", boom)
+    monkeypatch.setattr(exp, "build_decoder", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         exp.export_bundle(tiny_checkpoint, tmp_path / "b", "int4", target="cpu")
     assert list(tmp_path.iterdir()) == []
