@@ -1,7 +1,9 @@
 """Train the small demo model (models/demo/checkpoint) on the synthetic picture Q&A of demo_data.
 
-    python -m phi3v_edge.models.train_demo --out models/demo/checkpoint --steps 1450 --pool 1800 --minutes 20 \
-        --scene-decay 1.0 --scene-floor 0.3
+    python -m phi3v_edge.models.train_demo --out models/demo/checkpoint --eval-every 250
+
+(the defaults are the committed checkpoint's settings: 1250 steps, a pool of 1500 images, per-token
+and attention targets on, the scene-attribute heads off).
 
 Exact Phi-3.5-vision architecture and key names (real 32064 vocab and tokenizer, LongRoPE, HD
 transform with 336-px crops and 14-px patches, CLIP tower, 2x2 merge, separators, MLP projector,
@@ -19,7 +21,12 @@ Speed tricks (training only; the model is unchanged):
 Training-only help for the image side (nothing of it is saved; the model and its keys are unchanged):
 - a scene-attribute loss (SceneHeads, --scene-weight): a linear probe on the mean of each image's
   projected tokens predicts the scene's color, shape, count and (one object) left/right, top/bottom;
-- the CLIP position embeddings start as a 2D sin/cos table (--sincos-pos) instead of N(0, 1).
+- the CLIP position embeddings start as a 2D sin/cos table (--sincos-pos) instead of N(0, 1);
+- per-token targets (DenseHeads, --dense-weight): every projected image token predicts its cell's
+  object cover, center-dot share, cover x position, color and (outline cells) shape, from the dense
+  labels of demo_labels;
+- attention targets (--attn-weight): the first decoder layer's 4 heads are told where the answer rows
+  should look (the covered cells / BOS + object centers of the first and last image's global view).
   (--aux-frac > 0, off by default, experimental: the first fraction of the steps also trains
   next-token prediction on the question text, at weight --aux-weight.)
 
@@ -43,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import demo_data
+from .demo_labels import dense_labels
 from .checkpoint import save_checkpoint
 from .config import ASSETS_DIR, Phi3VConfig
 from .modeling import Phi3VForCausalLM
@@ -127,6 +135,7 @@ class PoolImage:
     grid: tuple[int, int]  # (rows, cols)
     tokens: int  # placeholder tokens
     scene: demo_data.Scene
+    labels: torch.Tensor | None = None  # [1 + rows*cols, 12, 12, 4] dense per-token targets (demo_labels)
 
 
 def process_image(proc, image) -> tuple[torch.Tensor, tuple[int, int], int]:
@@ -141,8 +150,9 @@ def build_pool(proc, n: int, rng: np.random.Generator) -> list[PoolImage]:
     for _ in range(n):
         scene = demo_data.make_scene(rng)
         crops, grid, tokens = process_image(proc, scene.image)
+        labels = torch.from_numpy(dense_labels(scene.image, [o[:2] for o in scene.objects], demo_data.NUM_CROPS))
         scene.image = None  # keep only the facts; the pixels live in crops
-        pool.append(PoolImage(crops.half(), grid, tokens, scene))
+        pool.append(PoolImage(crops.half(), grid, tokens, scene, labels))
     return pool
 
 
@@ -162,6 +172,7 @@ class Group:
     prefix: list[int]
     branches: list[Branch]
     scenes: list | None = None  # per image: the demo_data.Scene (training pool only; for the auxiliary loss)
+    labels: list | None = None  # per image: dense per-token targets (training pool only)
 
 
 class Tokens:
@@ -202,7 +213,7 @@ def group_for(tok: Tokens, images: list[PoolImage], qas: list[tuple[str, str, st
         prefix = pre
         branches.append(Branch(br, tok.answer(a), task))
     return Group([im.crops for im in images], [im.grid for im in images], prefix, branches,
-                 [im.scene for im in images])
+                 [im.scene for im in images], [im.labels for im in images])
 
 
 def collate(groups: list[Group], aux: bool = False):
@@ -241,12 +252,16 @@ def collate(groups: list[Group], aux: bool = False):
     return ids, pos, mask[:, None], labels, bidx, tasks
 
 
-def image_features(model: Phi3VForCausalLM, groups: list[Group], lens: list | None = None) -> torch.Tensor:
+def image_features(model: Phi3VForCausalLM, groups: list[Group], lens: list | None = None,
+                   cells: list | None = None) -> torch.Tensor:
     """Every image of every group, in order -> [sum T, hidden] (vision tower run once on all crops);
-    the token count of each image is appended to `lens` if given."""
+    the token count of each image is appended to `lens` if given, and the projected tokens of every
+    view without separators [C, 12, 12, hidden] to `cells`."""
     emb = model.model.vision_embed_tokens
     crops = torch.cat([c for g in groups for c in g.images]).float()
     merged = emb.crop_features(crops)  # [C, 12, 12, 4 * vision_hidden]
+    if cells is not None:
+        cells.append(emb.img_projection(merged))
     feats, i = [], 0
     for g in groups:
         for c, (r, col) in zip(g.images, g.grids):
@@ -257,7 +272,32 @@ def image_features(model: Phi3VForCausalLM, groups: list[Group], lens: list | No
     return emb.img_projection(torch.cat(feats))
 
 
-def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = False, image_means: bool = False):
+GLOBAL_TOKENS = 12 * 13  # the global view closes every image: 12 lines of 12 tokens + sub_GN
+
+
+def attention_targets(groups: list[Group], ids: torch.Tensor) -> torch.Tensor:
+    """[B, 4, S] target distributions for the 4 heads of the first decoder layer at the answer rows
+    (training only): head 0 spreads over the covered cells of the first image's global view (by cover),
+    head 1 the same for the last image; heads 2 and 3 over BOS (weight 1) and the object centers of the
+    first / last image's global view (center-dot shares; they sum to the count), so that the share left
+    on BOS reads the count. From the dense labels of the pool."""
+    B, S = ids.shape
+    t = torch.zeros(B, 4, S)
+    for b, g in enumerate(groups):
+        for head, k in ((0, 1), (1, len(g.images)), (2, 1), (3, len(g.images))):
+            pos = (ids[b] == -k).nonzero()[:, 0][-GLOBAL_TOKENS:].view(12, 13)[:, :12]  # [12, 12] global view cells
+            lab = g.labels[k - 1][0]  # [12, 12, 4] global view
+            if head < 2:
+                t[b, head, pos.flatten()] = lab[..., 0].flatten()
+            else:
+                t[b, head, 0] = 1.0
+                t[b, head, pos.flatten()] = lab[..., 1].flatten()
+        t[b] /= t[b].sum(-1, keepdim=True).clamp(min=1e-6)
+    return t
+
+
+def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = False, image_means: bool = False,
+                   attn_loss: bool = False):
     """-> logits at the labelled rows [N, vocab], labels [N], branch index [N] (-1: an auxiliary
     question-text row, only with aux=True), tasks (+ with image_means=True: the mean of each image's
     projected tokens [n_images, hidden], what a uniform attention over the image would read)."""
@@ -266,24 +306,32 @@ def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = Fal
     x = model.model.embed_tokens(ids.clamp_min(0))
     img = ids < 0
     lens: list[int] = []
-    feats = image_features(model, groups, lens)
+    cells: list = []
+    feats = image_features(model, groups, lens, cells if image_means else None)
     x = x.masked_scatter(img[..., None], feats.to(x.dtype))
     cos, sin = rope_cos_sin(cfg, pos)
     B, S, _ = x.shape
-    for layer in model.model.layers:
+    a_loss = None
+    for li, layer in enumerate(model.model.layers):
         a = layer.self_attn
         q, k, v = a.qkv_proj(layer.input_layernorm(x)).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(B, S, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(B, S, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(B, S, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attn_loss and li == 0:  # explicit attention, to supervise where the answer rows look
+            rows_b, rows_s = (labels >= 0).nonzero(as_tuple=True)
+            logp = (q[rows_b, :, rows_s][:, :, None] @ k[rows_b].transpose(-1, -2))[:, :, 0] / math.sqrt(cfg.head_dim)  # [N, H, S]
+            logp = logp.masked_fill(~mask[rows_b, 0, rows_s][:, None], float("-inf")).log_softmax(-1)
+            tgt = attention_targets(groups, ids)[rows_b]  # [N, 4, S]
+            a_loss = -(tgt * logp[:, :4].clamp(min=-1e4)).sum(-1).mean()
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + a.o_proj(o.transpose(1, 2).reshape(B, S, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     rows = labels >= 0
     logits = model.lm_head(model.model.norm(x[rows]))
     if image_means:
-        return logits, labels[rows], bidx[rows], tasks, feats.split(lens)
+        return logits, labels[rows], bidx[rows], tasks, feats.split(lens), cells[0], a_loss
     return logits, labels[rows], bidx[rows], tasks
 
 
@@ -325,6 +373,46 @@ class SceneHeads(torch.nn.Module):
             acc["hor"] = (hor[one].argmax(-1) == y_hor).float().mean().item()
             acc["ver"] = (ver[one].argmax(-1) == y_ver).float().mean().item()
         return loss, acc
+
+
+class DenseHeads(torch.nn.Module):
+    """Training-only linear heads (never saved) on every projected image token of every view
+    [C, 12, 12, hidden], against the dense targets of demo_labels: object cover (BCE), center-dot
+    share (MSE; it sums to the count), cover x (column - 0.5) and cover x (row - 0.5) in the view
+    (MSE; where the object is), the scene color on covered cells and the scene shape on outline
+    cells (cross-entropy). Every target is local to the cell, so that the small tower learns them in
+    a few hundred steps; the decoder then only has to read them."""
+
+    OUT = (1, 1, 2, len(demo_data.COLORS), len(demo_data.SHAPES))
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, sum(self.OUT))
+        self.colors = list(demo_data.COLORS)
+        r = (torch.arange(12, dtype=torch.float32) + 0.5) / 12 - 0.5
+        self.register_buffer("grid", torch.stack(torch.meshgrid(r, r, indexing="xy"), -1), persistent=False)  # [12,12,2] (x, y)
+
+    def forward(self, cells: torch.Tensor, labels: list[torch.Tensor], scenes: list) -> tuple[torch.Tensor, dict]:
+        cover, center, pos, col, shp = self.head(cells.float()).split(self.OUT, dim=-1)  # [C, 12, 12, *]
+        y = torch.cat(labels)  # [C, 12, 12, 4]: cover, center, edge, valid
+        n_views = [lab.shape[0] for lab in labels]
+        y_col = torch.cat([torch.full((n,), self.colors.index(s.color)) for n, s in zip(n_views, scenes)])
+        y_shp = torch.cat([torch.full((n,), demo_data.SHAPES.index(s.shape)) for n, s in zip(n_views, scenes)])
+        cov = y[..., 0]
+        l_cov = F.binary_cross_entropy_with_logits(cover[..., 0], cov)
+        l_cen = F.mse_loss(center[..., 0], y[..., 1]) * 4
+        l_pos = F.mse_loss(pos, cov[..., None] * self.grid) * 8
+        obj = cov > 0.5
+        l_col = F.cross_entropy(col[obj], y_col[:, None, None].expand_as(cov)[obj]) if obj.any() else cov.sum() * 0
+        w = (y[..., 2] * 8).clamp(max=1.0)  # outline cells
+        ce = F.cross_entropy(shp.permute(0, 3, 1, 2), y_shp[:, None, None].expand_as(cov), reduction="none")
+        l_shp = (ce * w).sum() / w.sum().clamp(min=1.0)
+        with torch.no_grad():
+            edge = w > 0.5
+            acc = {"d_cov": float(((cover[..., 0] > 0) == (cov > 0.5)).float().mean()),
+                   "d_shp": float((shp.argmax(-1) == y_shp[:, None, None])[edge].float().mean()) if edge.any() else 0.0,
+                   "d_cnt": float((center[..., 0].sum((1, 2)) - y[..., 1].sum((1, 2))).abs().mean())}
+        return l_cov + l_cen + l_pos + l_col + l_shp, acc
 
 
 def branch_correct(logits, labels, bidx, n_branches) -> torch.Tensor:
@@ -467,8 +555,8 @@ def write_checkpoint(model: Phi3VForCausalLM, out: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models/demo/checkpoint")
-    ap.add_argument("--minutes", type=float, default=18.0, help="wall-clock cap for pool + training (safety)")
-    ap.add_argument("--steps", type=int, default=1100)
+    ap.add_argument("--minutes", type=float, default=19.5, help="wall-clock cap for pool + training (safety)")
+    ap.add_argument("--steps", type=int, default=1250)
     ap.add_argument("--pool", type=int, default=1500, help="processed training images")
     ap.add_argument("--singles", type=int, default=4, help="one-image groups per step")
     ap.add_argument("--pairs", type=int, default=2, help="two-image groups per step")
@@ -477,11 +565,17 @@ def main(argv=None) -> int:
                     help="fraction of the steps that also train next-token prediction on the question text")
     ap.add_argument("--aux-weight", type=float, default=0.3)
     ap.add_argument("--gpt-init", action="store_true", help="N(0, 0.02) init instead of PyTorch's default")
-    ap.add_argument("--scene-weight", type=float, default=1.0,
+    ap.add_argument("--scene-weight", type=float, default=0.0,
                     help="weight of the training-only scene-attribute loss on the image features (0: off)")
     ap.add_argument("--scene-decay", type=float, default=0.5,
                     help="fraction of the steps over which that weight decays linearly to --scene-floor of it")
     ap.add_argument("--scene-floor", type=float, default=0.1)
+    ap.add_argument("--dense-weight", type=float, default=1.0,
+                    help="weight of the training-only dense per-token loss on the image tokens (0: off)")
+    ap.add_argument("--attn-weight", type=float, default=2.0,
+                    help="weight of the training-only loss on where the first decoder layer's heads look (0: off)")
+    ap.add_argument("--dense-decay", type=float, default=1.0, help="fraction of the steps over which it decays to --dense-floor")
+    ap.add_argument("--dense-floor", type=float, default=0.3)
     ap.add_argument("--sincos-pos", type=float, default=0.5,
                     help="init the CLIP position embeddings as a 2D sin/cos table of this amplitude (0: PyTorch default)")
     ap.add_argument("--scene-queries", type=int, default=0, help="attention pooling for the scene heads (0: mean)")
@@ -532,8 +626,10 @@ def main(argv=None) -> int:
     tf_groups = heldout_groups(proc, tok, 120)[0] if args.eval_every else None
 
     heads = SceneHeads(cfg.hidden_size, args.scene_queries)  # training only, never saved
+    dense = DenseHeads(cfg.hidden_size)  # training only, never saved
     decay, no_decay = [], []
-    for name, p in list(model.named_parameters()) + [("aux." + n, p) for n, p in heads.named_parameters()]:
+    for name, p in list(model.named_parameters()) + [("aux." + n, p) for n, p in heads.named_parameters()] + \
+            [("dense." + n, p) for n, p in dense.named_parameters()]:
         (no_decay if p.dim() < 2 or "GN" in name or "embed" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -543,6 +639,10 @@ def main(argv=None) -> int:
             return args.lr * (step + 1) / args.warmup
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def dense_weight(step):
+        t = min(1.0, step / max(1, args.dense_decay * args.steps))
+        return args.dense_weight * (1 - (1 - args.dense_floor) * t)
 
     def scene_weight(step):
         t = min(1.0, step / max(1, args.scene_decay * args.steps))
@@ -567,16 +667,20 @@ def main(argv=None) -> int:
             batches = [[sampler.single() for _ in range(args.singles)], [sampler.pair() for _ in range(args.pairs)]]
         aux = step < args.aux_frac * args.steps
         sw = scene_weight(step)
+        aw = args.attn_weight * (1 - (1 - args.dense_floor) * min(1.0, step / max(1, args.dense_decay * args.steps)))
         total_rows = 0
         parts = []
         for groups in batches:
             if not groups:
                 continue
-            logits, labels, bidx, tasks, means = packed_forward(model, groups, aux, image_means=True)
-            parts.append((logits, labels, bidx, tasks, means, [s for g in groups for s in g.scenes]))
+            logits, labels, bidx, tasks, means, cells, a_loss = packed_forward(
+                model, groups, aux, image_means=True, attn_loss=aw > 0)
+            parts.append((logits, labels, bidx, tasks, means, [s for g in groups for s in g.scenes], cells,
+                          [lab for g in groups for lab in g.labels], a_loss))
             total_rows += int((bidx >= 0).sum())
         loss_val = 0.0
-        for i, (logits, labels, bidx, tasks, means, scenes) in enumerate(parts):
+        dw = dense_weight(step)
+        for i, (logits, labels, bidx, tasks, means, scenes, cells, dlabels, a_loss) in enumerate(parts):
             w = torch.where(bidx >= 0, 1.0, args.aux_weight)
             loss = (F.cross_entropy(logits.float(), labels, reduction="none") * w).sum() / total_rows
             if sw > 0:
@@ -585,13 +689,23 @@ def main(argv=None) -> int:
                 for k, v in s_acc.items():
                     scene_stats[k][0] += v
                     scene_stats[k][1] += 1
+            if a_loss is not None:
+                loss = loss + aw * a_loss * len(scenes) / sum(len(p[5]) for p in parts)
+                scene_stats["attn"][0] += a_loss.item()
+                scene_stats["attn"][1] += 1
+            if dw > 0:
+                d_loss, d_acc = dense(cells, dlabels, scenes)
+                loss = loss + dw * d_loss * len(scenes) / sum(len(p[5]) for p in parts)
+                for k, v in d_acc.items():
+                    scene_stats[k][0] += v
+                    scene_stats[k][1] += 1
             loss.backward()
             loss_val += loss.item()
             ok = branch_correct(logits.detach(), labels, bidx, len(tasks))
             for t, k in zip(tasks, ok.tolist()):
                 stats[t][0] += k
                 stats[t][1] += 1
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()) + list(dense.parameters()), 1.0)
         opt.step()
         loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
         if (step + 1) % 10 == 0:

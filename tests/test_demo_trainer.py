@@ -1,0 +1,51 @@
+"""Training-only helpers of the demo trainer (models/train_demo.py): dense heads and the attention targets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from phi3v_edge.models import demo_data, train_demo
+from phi3v_edge.models.config import ASSETS_DIR
+from phi3v_edge.runtime.processor import Phi3VProcessor
+
+
+@pytest.fixture(scope="module")
+def parts():
+    proc = Phi3VProcessor.from_pretrained(ASSETS_DIR, num_crops=demo_data.NUM_CROPS)
+    tok = train_demo.Tokens(proc)
+    pool = train_demo.build_pool(proc, 3, np.random.default_rng(5))
+    return tok, pool
+
+
+def test_attention_targets_cover_the_global_view_and_count_on_bos(parts):
+    tok, pool = parts
+    a, b = pool[0], pool[1]
+    qas = [(t, *demo_data.pair_question(a.scene, b.scene, t)) for t in ("samecolor", "sameshape")]
+    group = train_demo.group_for(tok, [a, b], qas)
+    ids = train_demo.collate([group])[0]
+    t = train_demo.attention_targets([group], ids)[0]  # [4, S]
+    assert torch.allclose(t.sum(-1), torch.ones(4))
+    for head, img, pool_img in ((0, 1, a), (1, 2, b), (2, 1, a), (3, 2, b)):
+        placeholders = (ids[0] == -img).nonzero()[:, 0]
+        glob = placeholders[-train_demo.GLOBAL_TOKENS:]
+        cells = glob.view(12, 13)[:, :12].flatten()
+        support = set(t[head].nonzero()[:, 0].tolist()) - {0}
+        assert support and support <= set(cells.tolist())  # global view of that image, never a separator
+        if head >= 2:  # BOS keeps 1 / (1 + count)
+            assert float(t[head, 0]) == pytest.approx(1 / (1 + pool_img.scene.count), rel=1e-4)
+        else:
+            assert float(t[head, 0]) == 0.0
+            assert torch.allclose(t[head, cells], pool_img.labels[0][..., 0].flatten() / pool_img.labels[0][..., 0].sum())
+
+
+def test_dense_heads_give_a_finite_loss_and_gradients(parts):
+    _, pool = parts
+    heads = train_demo.DenseHeads(8)
+    labels = [p.labels for p in pool]
+    scenes = [p.scene for p in pool]
+    cells = torch.randn(sum(lab.shape[0] for lab in labels), 12, 12, 8)
+    loss, acc = heads(cells, labels, scenes)
+    assert torch.isfinite(loss) and set(acc) == {"d_cov", "d_shp", "d_cnt"}
+    loss.backward()
+    assert heads.head.weight.grad is not None and torch.isfinite(heads.head.weight.grad).all()
