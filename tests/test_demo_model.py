@@ -106,10 +106,10 @@ def test_checkpoint_layout():
 
 # Regression floors for the committed checkpoint. They follow from its measured held-out accuracy
 # (models/demo/eval.json, MODEL_CARD.md): the counts it gets right on these fixed questions, minus one
-# for numerical slack across machines (6/8 and 9/12 when committed; both are above the 45 % held-out
-# accuracy by luck of these few questions). Retraining the checkpoint means re-measuring these.
+# for numerical slack across machines (6/8 and 10/12 for the checkpoint retrained on 2026-11-28, 76 %
+# held-out). Retraining the checkpoint means re-measuring these.
 BUNDLED_FLOOR = 5  # of the 8 bundled examples (the first held-out example of each task)
-HELD_OUT_N, HELD_OUT_FLOOR = 12, 8  # of the first 12 held-out questions
+HELD_OUT_N, HELD_OUT_FLOOR = 12, 9  # of the first 12 held-out questions
 
 
 @needs_ckpt
