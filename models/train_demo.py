@@ -381,7 +381,7 @@ class DenseHeads(torch.nn.Module):
     share (MSE; it sums to the count), cover x (column - 0.5) and cover x (row - 0.5) in the view
     (MSE; where the object is), the scene color on covered cells and the scene shape on outline
     cells (cross-entropy). Every target is local to the cell, so that the small tower learns them in
-    a few hundred steps; the decoder then only has to read them."""
+    a few hundred steps; gathering them into an answer is the decoder's part (see attention_targets)."""
 
     OUT = (1, 1, 2, len(demo_data.COLORS), len(demo_data.SHAPES))
 
