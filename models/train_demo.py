@@ -55,6 +55,7 @@ from .checkpoint import save_checkpoint
 from .config import ASSETS_DIR, Phi3VConfig
 from .modeling import Phi3VForCausalLM
 from .rope import apply_rope, rope_cos_sin
+from ..runtime.image_layout import TOKENS_PER_CROP, layout_index
 
 END_ID = 32007  # <|end|>
 PAD_ID = 32000
@@ -272,7 +273,15 @@ def image_features(model: Phi3VForCausalLM, groups: list[Group], lens: list | No
     return emb.img_projection(torch.cat(feats))
 
 
-GLOBAL_TOKENS = 12 * 13  # the global view closes every image: 12 lines of 12 tokens + sub_GN
+def global_view_positions(ids: torch.Tensor, image: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Sequence positions of the 144 global-view cells of image `image` (1-based), in cell order
+    [12 * 12]; from the runtime's layout_index, the same token order vision.onnx produces."""
+    pos = (ids == -image).nonzero()[:, 0]  # this image's placeholder positions, in layout order
+    idx = torch.from_numpy(layout_index([grid]))  # crop 0 is the global view: rows < 144 are its cells
+    cells = idx < TOKENS_PER_CROP
+    out = torch.empty(TOKENS_PER_CROP, dtype=torch.long)
+    out[idx[cells]] = pos[cells]
+    return out
 
 
 def attention_targets(groups: list[Group], ids: torch.Tensor) -> torch.Tensor:
@@ -285,13 +294,13 @@ def attention_targets(groups: list[Group], ids: torch.Tensor) -> torch.Tensor:
     t = torch.zeros(B, 4, S)
     for b, g in enumerate(groups):
         for head, k in ((0, 1), (1, len(g.images)), (2, 1), (3, len(g.images))):
-            pos = (ids[b] == -k).nonzero()[:, 0][-GLOBAL_TOKENS:].view(12, 13)[:, :12]  # [12, 12] global view cells
-            lab = g.labels[k - 1][0]  # [12, 12, 4] global view
+            pos = global_view_positions(ids[b], k, g.grids[k - 1])
+            lab = g.labels[k - 1][0].flatten(0, 1)  # [144, 4] global view, cell order
             if head < 2:
-                t[b, head, pos.flatten()] = lab[..., 0].flatten()
+                t[b, head, pos] = lab[:, 0]
             else:
                 t[b, head, 0] = 1.0
-                t[b, head, pos.flatten()] = lab[..., 1].flatten()
+                t[b, head, pos] = lab[:, 1]
         t[b] /= t[b].sum(-1, keepdim=True).clamp(min=1e-6)
     return t
 

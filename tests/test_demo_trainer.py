@@ -9,6 +9,8 @@ from phi3v_edge.models import demo_data, train_demo
 from phi3v_edge.models.config import ASSETS_DIR
 from phi3v_edge.runtime.processor import Phi3VProcessor
 
+GLOBAL_TOKENS = 12 * 13  # the global view closes every image: 12 lines of 12 tokens + sub_GN
+
 
 @pytest.fixture(scope="module")
 def parts():
@@ -28,7 +30,7 @@ def test_attention_targets_cover_the_global_view_and_count_on_bos(parts):
     assert torch.allclose(t.sum(-1), torch.ones(4))
     for head, img, pool_img in ((0, 1, a), (1, 2, b), (2, 1, a), (3, 2, b)):
         placeholders = (ids[0] == -img).nonzero()[:, 0]
-        glob = placeholders[-train_demo.GLOBAL_TOKENS:]
+        glob = placeholders[-GLOBAL_TOKENS:]
         cells = glob.view(12, 13)[:, :12].flatten()
         support = set(t[head].nonzero()[:, 0].tolist()) - {0}
         assert support and support <= set(cells.tolist())  # global view of that image, never a separator
