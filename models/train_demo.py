@@ -22,11 +22,15 @@ Training-only help for the image side (nothing of it is saved; the model and its
 - a scene-attribute loss (SceneHeads, --scene-weight): a linear probe on the mean of each image's
   projected tokens predicts the scene's color, shape, count and (one object) left/right, top/bottom;
 - the CLIP position embeddings start as a 2D sin/cos table (--sincos-pos) instead of N(0, 1);
+- the patch embedding starts as the whitened top principal components of pool patches (--pca-init);
 - per-token targets (DenseHeads, --dense-weight): every projected image token predicts its cell's
-  object cover, center-dot share, cover x position, color and (outline cells) shape, from the dense
-  labels of demo_labels;
+  object cover, center-dot share, its own position (covered cells), color and (outline cells) shape,
+  from the dense labels of demo_labels;
 - attention targets (--attn-weight): the first decoder layer's 4 heads are told where the answer rows
-  should look (the covered cells / BOS + object centers of the first and last image's global view).
+  should look (the covered cells / BOS + object centers of the first and last image's global view);
+- answer-row probes (AnswerProbes, --probe-weight): after the first decoder layer, the answer rows
+  must hold the color, shape and count of the first and of the last image (and a one-object last
+  image's side) in linearly readable form.
   (--aux-frac > 0, off by default, experimental: the first fraction of the steps also trains
   next-token prediction on the question text, at weight --aux-weight.)
 
@@ -127,6 +131,30 @@ def init_vision_positions(model: Phi3VForCausalLM, scale: float = 0.5) -> None:
     with torch.no_grad():
         emb.position_embedding.weight.zero_()
         emb.position_embedding.weight[1:, : 4 * q] = scale * table
+
+
+def init_patch_pca(model: Phi3VForCausalLM, pool: list["PoolImage"], n_patches: int = 40000, seed: int = 0) -> None:
+    """Data-dependent init of the CLIP patch embedding (the parameter is unchanged): its D filters become
+    the top-D principal components of 14x14x3 pixel patches drawn from the training pool, each scaled to
+    unit output variance (PCA whitening, a classic first-layer init). From step 0 the tower then sees
+    an information-preserving summary of each patch (its mean color first, then edges and gradients)
+    instead of D random projections, which a few hundred steps of a tiny tower cannot undo."""
+    conv = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding
+    d, c, p, _ = conv.weight.shape
+    g = torch.Generator().manual_seed(seed)
+    views = torch.cat([im.crops for im in pool[:400]])  # [V, 3, 336, 336]
+    side = views.shape[-1] // p
+    pick = torch.randint(0, views.shape[0] * side * side, (n_patches,), generator=g)
+    v, rest = pick // (side * side), pick % (side * side)
+    rows, cols = rest // side, rest % side
+    patches = torch.stack([views[a, :, r * p:(r + 1) * p, k * p:(k + 1) * p] for a, r, k in
+                           zip(v.tolist(), rows.tolist(), cols.tolist())]).float().flatten(1)  # [n, 3*p*p]
+    x = patches - patches.mean(0)
+    evals, evecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending
+    top = evecs[:, -d:].flip(-1).T  # [D, 3*p*p], largest first
+    scale = evals[-d:].flip(0).clamp(min=1e-4).rsqrt()[:, None]
+    with torch.no_grad():
+        conv.weight.copy_((top * scale).view(d, c, p, p))
 
 
 # --------------------------------------------------------------------------------------- data pool
@@ -337,10 +365,12 @@ def packed_forward(model: Phi3VForCausalLM, groups: list[Group], aux: bool = Fal
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + a.o_proj(o.transpose(1, 2).reshape(B, S, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if li == 0:
+            mid = x[labels >= 0]  # [N, hidden] the answer rows after the first layer (AnswerProbes)
     rows = labels >= 0
     logits = model.lm_head(model.model.norm(x[rows]))
     if image_means:
-        return logits, labels[rows], bidx[rows], tasks, feats.split(lens), cells[0], a_loss
+        return logits, labels[rows], bidx[rows], tasks, feats.split(lens), cells[0], a_loss, (mid, rows.nonzero()[:, 0])
     return logits, labels[rows], bidx[rows], tasks
 
 
@@ -387,9 +417,10 @@ class SceneHeads(torch.nn.Module):
 class DenseHeads(torch.nn.Module):
     """Training-only linear heads (never saved) on every projected image token of every view
     [C, 12, 12, hidden], against the dense targets of demo_labels: object cover (BCE), center-dot
-    share (MSE; it sums to the count), cover x (column - 0.5) and cover x (row - 0.5) in the view
-    (MSE; where the object is), the scene color on covered cells and the scene shape on outline
-    cells (cross-entropy). Every target is local to the cell, so that the small tower learns them in
+    share (MSE; it sums to the count), the cell's own position in the view (x, y in [-0.5, 0.5]; MSE
+    on covered cells, scaled to unit variance: without it, training wipes the position that the
+    sin/cos embeddings put into the object tokens, and left/right cannot be read), the scene color on
+    covered cells and the scene shape on outline cells (cross-entropy). Every target is local to the cell, so that the small tower learns them in
     a few hundred steps; gathering them into an answer is the decoder's part (see attention_targets)."""
 
     OUT = (1, 1, 2, len(demo_data.COLORS), len(demo_data.SHAPES))
@@ -410,8 +441,8 @@ class DenseHeads(torch.nn.Module):
         cov = y[..., 0]
         l_cov = F.binary_cross_entropy_with_logits(cover[..., 0], cov)
         l_cen = F.mse_loss(center[..., 0], y[..., 1]) * 4
-        l_pos = F.mse_loss(pos, cov[..., None] * self.grid) * 8
         obj = cov > 0.5
+        l_pos = F.mse_loss(pos[obj], self.grid.expand_as(pos)[obj]) * 12 if obj.any() else cov.sum() * 0
         l_col = F.cross_entropy(col[obj], y_col[:, None, None].expand_as(cov)[obj]) if obj.any() else cov.sum() * 0
         w = (y[..., 2] * 8).clamp(max=1.0)  # outline cells
         ce = F.cross_entropy(shp.permute(0, 3, 1, 2), y_shp[:, None, None].expand_as(cov), reduction="none")
@@ -422,6 +453,46 @@ class DenseHeads(torch.nn.Module):
                    "d_shp": float((shp.argmax(-1) == y_shp[:, None, None])[edge].float().mean()) if edge.any() else 0.0,
                    "d_cnt": float((center[..., 0].sum((1, 2)) - y[..., 1].sum((1, 2))).abs().mean())}
         return l_cov + l_cen + l_pos + l_col + l_shp, acc
+
+
+class AnswerProbes(torch.nn.Module):
+    """Training-only linear probes (never saved) on the answer rows' hidden state after the FIRST decoder
+    layer [N, hidden]: the color, shape and count of the first and of the last image, (one-object last
+    image) its horizontal and vertical side, and (two-image groups) whether the colors / shapes are the
+    same and whether the first has more objects. They ask the first layer to bring each image's facts
+    into the answer row in separate, linearly readable places, and to compare them already there
+    (deep supervision: the comparison gets a short gradient path instead of only the one through the
+    second layer and the 32064-way lm_head)."""
+
+    SPLITS = (len(demo_data.COLORS), len(demo_data.COLORS), len(demo_data.SHAPES), len(demo_data.SHAPES),
+              demo_data.MAX_OBJECTS, demo_data.MAX_OBJECTS, 2, 2, 2, 2, 2)
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, sum(self.SPLITS))
+        self.colors = list(demo_data.COLORS)
+
+    def forward(self, h: torch.Tensor, group_of_row: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, dict]:
+        outs = self.head(h.float()).split(self.SPLITS, dim=-1)
+        first = [groups[int(b)].scenes[0] for b in group_of_row]
+        last = [groups[int(b)].scenes[-1] for b in group_of_row]
+        ys = [torch.tensor([self.colors.index(s.color) for s in first]), torch.tensor([self.colors.index(s.color) for s in last]),
+              torch.tensor([demo_data.SHAPES.index(s.shape) for s in first]), torch.tensor([demo_data.SHAPES.index(s.shape) for s in last]),
+              torch.tensor([s.count - 1 for s in first]), torch.tensor([s.count - 1 for s in last]),
+              torch.tensor([s.count == 1 and s.horizontal == "right" for s in last], dtype=torch.long),
+              torch.tensor([s.count == 1 and s.vertical == "bottom" for s in last], dtype=torch.long),
+              torch.tensor([a.color == b.color for a, b in zip(first, last)], dtype=torch.long),
+              torch.tensor([a.shape == b.shape for a, b in zip(first, last)], dtype=torch.long),
+              torch.tensor([a.count > b.count for a, b in zip(first, last)], dtype=torch.long)]
+        one = torch.tensor([s.count == 1 for s in last])
+        pair = torch.tensor([len(groups[int(b)].scenes) == 2 for b in group_of_row])
+        loss, acc = h.sum() * 0, {}
+        for i, (o, y) in enumerate(zip(outs, ys)):
+            keep = pair if i >= 8 else one if i >= 6 else torch.ones_like(one)
+            if keep.any():
+                loss = loss + F.cross_entropy(o[keep], y[keep])
+                acc[f"p{i}"] = float((o[keep].argmax(-1) == y[keep]).float().mean())
+        return loss, acc
 
 
 def branch_correct(logits, labels, bidx, n_branches) -> torch.Tensor:
@@ -583,6 +654,10 @@ def main(argv=None) -> int:
                     help="weight of the training-only dense per-token loss on the image tokens (0: off)")
     ap.add_argument("--attn-weight", type=float, default=2.0,
                     help="weight of the training-only loss on where the first decoder layer's heads look (0: off)")
+    ap.add_argument("--probe-weight", type=float, default=1.0,
+                    help="weight of the training-only answer-row probes after the first decoder layer (0: off)")
+    ap.add_argument("--pca-init", type=int, default=0,
+                    help="1: init the patch embedding as the whitened top principal components of pool patches")
     ap.add_argument("--dense-decay", type=float, default=1.0, help="fraction of the steps over which it decays to --dense-floor")
     ap.add_argument("--dense-floor", type=float, default=0.3)
     ap.add_argument("--sincos-pos", type=float, default=0.5,
@@ -629,6 +704,8 @@ def main(argv=None) -> int:
         grids[p.grid] += 1
     print(f"pool: {len(pool)} images in {time.time() - t_start:.0f}s; crop grids {dict(grids)}", flush=True)
     sampler = Sampler(pool, tok, rng)
+    if args.pca_init:
+        init_patch_pca(model, pool, seed=args.seed)
     diff = check_packing(model, sampler.pair())
     print(f"packing check: max |logit diff| vs plain forward = {diff:.2e}", flush=True)
     assert diff < 1e-3, diff
@@ -636,9 +713,11 @@ def main(argv=None) -> int:
 
     heads = SceneHeads(cfg.hidden_size, args.scene_queries)  # training only, never saved
     dense = DenseHeads(cfg.hidden_size)  # training only, never saved
+    probes = AnswerProbes(cfg.hidden_size)  # training only, never saved
     decay, no_decay = [], []
     for name, p in list(model.named_parameters()) + [("aux." + n, p) for n, p in heads.named_parameters()] + \
-            [("dense." + n, p) for n, p in dense.named_parameters()]:
+            [("dense." + n, p) for n, p in dense.named_parameters()] + \
+            [("probes." + n, p) for n, p in probes.named_parameters()]:
         (no_decay if p.dim() < 2 or "GN" in name or "embed" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -649,9 +728,12 @@ def main(argv=None) -> int:
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    def dense_weight(step):
+    def aux_decay(step):  # 1 -> dense_floor over the first dense_decay of the steps
         t = min(1.0, step / max(1, args.dense_decay * args.steps))
-        return args.dense_weight * (1 - (1 - args.dense_floor) * t)
+        return 1 - (1 - args.dense_floor) * t
+
+    def dense_weight(step):
+        return args.dense_weight * aux_decay(step)
 
     def scene_weight(step):
         t = min(1.0, step / max(1, args.scene_decay * args.steps))
@@ -676,20 +758,20 @@ def main(argv=None) -> int:
             batches = [[sampler.single() for _ in range(args.singles)], [sampler.pair() for _ in range(args.pairs)]]
         aux = step < args.aux_frac * args.steps
         sw = scene_weight(step)
-        aw = args.attn_weight * (1 - (1 - args.dense_floor) * min(1.0, step / max(1, args.dense_decay * args.steps)))
+        aw = args.attn_weight * aux_decay(step)
         total_rows = 0
         parts = []
         for groups in batches:
             if not groups:
                 continue
-            logits, labels, bidx, tasks, means, cells, a_loss = packed_forward(
+            logits, labels, bidx, tasks, means, cells, a_loss, mid = packed_forward(
                 model, groups, aux, image_means=True, attn_loss=aw > 0)
             parts.append((logits, labels, bidx, tasks, means, [s for g in groups for s in g.scenes], cells,
-                          [lab for g in groups for lab in g.labels], a_loss))
+                          [lab for g in groups for lab in g.labels], a_loss, mid, groups))
             total_rows += int((bidx >= 0).sum())
         loss_val = 0.0
         dw = dense_weight(step)
-        for i, (logits, labels, bidx, tasks, means, scenes, cells, dlabels, a_loss) in enumerate(parts):
+        for i, (logits, labels, bidx, tasks, means, scenes, cells, dlabels, a_loss, mid, groups) in enumerate(parts):
             w = torch.where(bidx >= 0, 1.0, args.aux_weight)
             loss = (F.cross_entropy(logits.float(), labels, reduction="none") * w).sum() / total_rows
             if sw > 0:
@@ -708,13 +790,20 @@ def main(argv=None) -> int:
                 for k, v in d_acc.items():
                     scene_stats[k][0] += v
                     scene_stats[k][1] += 1
+            if args.probe_weight > 0:
+                p_loss, p_acc = probes(mid[0], mid[1], groups)
+                loss = loss + args.probe_weight * aux_decay(step) * p_loss * len(mid[1]) / total_rows
+                for k, v in p_acc.items():
+                    scene_stats[k][0] += v
+                    scene_stats[k][1] += 1
             loss.backward()
             loss_val += loss.item()
             ok = branch_correct(logits.detach(), labels, bidx, len(tasks))
             for t, k in zip(tasks, ok.tolist()):
                 stats[t][0] += k
                 stats[t][1] += 1
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()) + list(dense.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()) + list(dense.parameters())
+                                       + list(probes.parameters()), 1.0)
         opt.step()
         loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
         if (step + 1) % 10 == 0:
