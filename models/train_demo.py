@@ -31,7 +31,7 @@ Training-only help for the image side (nothing of it is saved; the model and its
   should look (the covered cells / BOS + object centers of the first and last image's global view);
 - answer-row probes (AnswerProbes, --probe-weight): after the first decoder layer, the answer rows
   must hold the color, shape and count of the first and of the last image (and a one-object last
-  image's side) in linearly readable form.
+  image's side) in linearly readable form, and for two images already the comparisons.
   (--aux-frac > 0, off by default, experimental: the first fraction of the steps also trains
   next-token prediction on the question text, at weight --aux-weight.)
 
@@ -421,8 +421,9 @@ class DenseHeads(torch.nn.Module):
     share (MSE; it sums to the count), the cell's own position in the view (x, y in [-0.5, 0.5]; MSE
     on covered cells, scaled to unit variance: without it, training wipes the position that the
     sin/cos embeddings put into the object tokens, and left/right cannot be read), the scene color on
-    covered cells and the scene shape on outline cells (cross-entropy). Every target is local to the cell, so that the small tower learns them in
-    a few hundred steps; gathering them into an answer is the decoder's part (see attention_targets)."""
+    covered cells and the scene shape on outline cells (cross-entropy). Every target is local to the
+    cell, so that the small tower learns them in a few hundred steps; gathering them into an answer is
+    the decoder's part (see attention_targets and AnswerProbes)."""
 
     OUT = (1, 1, 2, len(demo_data.COLORS), len(demo_data.SHAPES))
 
