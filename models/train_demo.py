@@ -147,9 +147,8 @@ def init_patch_pca(model: Phi3VForCausalLM, pool: list["PoolImage"], n_patches: 
     side = views.shape[-1] // p
     pick = torch.randint(0, views.shape[0] * side * side, (n_patches,), generator=g)
     v, rest = pick // (side * side), pick % (side * side)
-    rows, cols = rest // side, rest % side
-    patches = torch.stack([views[a, :, r * p:(r + 1) * p, k * p:(k + 1) * p] for a, r, k in
-                           zip(v.tolist(), rows.tolist(), cols.tolist())]).float().flatten(1)  # [n, 3*p*p]
+    grid = views.view(views.shape[0], c, side, p, side, p)  # [V, 3, row, y, col, x], no copy
+    patches = grid[v, :, rest // side, :, rest % side].float().flatten(1)  # [n, 3, p, p] -> [n, 3*p*p]
     x = patches - patches.mean(0)
     evals, evecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending
     top = evecs[:, -d:].flip(-1).T  # [D, 3*p*p], largest first
@@ -476,8 +475,8 @@ class AnswerProbes(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, group_of_row: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, dict]:
         outs = self.head(h.float()).split(self.SPLITS, dim=-1)
-        first = [groups[int(b)].scenes[0] for b in group_of_row]
-        last = [groups[int(b)].scenes[-1] for b in group_of_row]
+        scenes = [groups[int(b)].scenes for b in group_of_row]  # per row: its group's 1 or 2 scenes
+        first, last = [sc[0] for sc in scenes], [sc[-1] for sc in scenes]
         ys = [torch.tensor([self.colors.index(s.color) for s in first]), torch.tensor([self.colors.index(s.color) for s in last]),
               torch.tensor([demo_data.SHAPES.index(s.shape) for s in first]), torch.tensor([demo_data.SHAPES.index(s.shape) for s in last]),
               torch.tensor([s.count - 1 for s in first]), torch.tensor([s.count - 1 for s in last]),
@@ -487,7 +486,7 @@ class AnswerProbes(torch.nn.Module):
               torch.tensor([a.shape == b.shape for a, b in zip(first, last)], dtype=torch.long),
               torch.tensor([a.count > b.count for a, b in zip(first, last)], dtype=torch.long)]
         one = torch.tensor([s.count == 1 for s in last])
-        pair = torch.tensor([len(groups[int(b)].scenes) == 2 for b in group_of_row])
+        pair = torch.tensor([len(sc) == 2 for sc in scenes])
         loss, acc = h.sum() * 0, {}
         for i, (o, y) in enumerate(zip(outs, ys)):
             keep = pair if i >= 8 else one if i >= 6 else torch.ones_like(one)
