@@ -16,7 +16,15 @@ class InputError(ValueError):
 
 
 class RequestCancelled(RuntimeError):
-    """A stream was resumed after a newer request took over the runtime (one request runs at a time)."""
+    """The request was cancelled (by its caller, or because the engine shut down) before it finished."""
 
 
-__all__ = ["BundleError", "ProviderError", "InputError", "RequestCancelled"]
+class EngineBusy(RuntimeError):
+    """The engine's waiting queue is full: retry later (an HTTP server answers 429/503 with Retry-After)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was shut down (or its loop died); it takes no new requests."""
+
+
+__all__ = ["BundleError", "ProviderError", "InputError", "RequestCancelled", "EngineBusy", "EngineClosed"]
