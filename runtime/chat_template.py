@@ -37,9 +37,11 @@ def build_prompt(
             content = ""
         if not isinstance(content, str):
             raise ValueError(f"message {i} 'content' must be a str, got {type(content).__name__}")
-        msg_images = m.get("images") or []
-        if not isinstance(msg_images, (list, tuple)):
-            msg_images = [msg_images]  # a single image
+        msg_images = m.get("images")
+        if msg_images is None:
+            msg_images = []
+        elif not isinstance(msg_images, (list, tuple)):
+            msg_images = [msg_images]  # a single image (a numpy array too: one image, not a list of rows)
         tags = ""
         for im in msg_images:
             images.append(im)

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import image_layout
+from .errors import InputError
 from .image_layout import CROP  # side of one CLIP crop (ViT-L/14-336) in pixels
 
 NUM_CROPS_MIN, NUM_CROPS_MAX = 1, 16
@@ -23,13 +24,15 @@ DEFAULT_MAX_PIXELS = 64_000_000
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
+# np.ndarray: uint8 [H, W, C] (C = 1, 3 or 4, channels last) or [H, W] (grey), see `array_to_image`
+ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+ARRAY_FORMS = "a uint8 numpy array of shape [H, W, 3] (RGB), [H, W, 4] (RGBA), [H, W, 1] or [H, W] (grey)"
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-class ImageError(ValueError):
-    """A bad image input (unreadable, empty, too large, unsupported mode). A ValueError."""
+class ImageError(InputError):
+    """A bad image input (unreadable, empty, too large, unsupported mode or array shape). An InputError (ValueError)."""
 
 
 def check_num_crops(num_crops) -> int:
@@ -44,7 +47,35 @@ def check_num_crops(num_crops) -> int:
 # --------------------------------------------------------------------------------------------- loading
 
 
+def array_to_image(a: np.ndarray) -> Image.Image:
+    """A uint8 numpy image, [H, W, C] (C = 1, 3 or 4, channels last) or [H, W], -> a PIL image (a copy:
+    later changes to the array do not reach it). ImageError for any other dtype or shape, saying which
+    forms are accepted (a list of arrays is several images; one [N, H, W, C] array is not accepted)."""
+    if not isinstance(a, np.ndarray):
+        raise ImageError(f"expected a numpy array, got {type(a).__name__}")
+    shape = "x".join(str(d) for d in a.shape) or "()"
+    if a.dtype != np.uint8:
+        hint = " (for floats in 0..1 pass (a * 255).round().astype(np.uint8))" if a.dtype.kind == "f" else ""
+        raise ImageError(f"cannot use a numpy array of dtype {a.dtype} (shape {shape}) as an image: "
+                         f"expected {ARRAY_FORMS}{hint}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4)):
+        if a.shape[0] == 0 or a.shape[1] == 0:
+            raise ImageError(f"cannot use image array of shape {shape}: it has zero size")
+        return Image.fromarray(np.array(a, order="C", copy=True))  # mode L, RGB or RGBA
+    if a.ndim == 4:
+        hint = "; for several images pass a list of [H, W, C] arrays"
+    elif a.ndim == 3 and a.shape[0] in (1, 3, 4):
+        hint = "; for a channels-first [C, H, W] array pass a.transpose(1, 2, 0)"
+    else:
+        hint = ""
+    raise ImageError(f"cannot use a numpy array of shape {shape} as an image: expected {ARRAY_FORMS}{hint}")
+
+
 def _describe(x) -> str:
+    if isinstance(x, np.ndarray):
+        return f"array {'x'.join(str(d) for d in x.shape)} {x.dtype}"
     if isinstance(x, (bytes, bytearray, memoryview)):
         return f"from {len(x)} bytes"
     if isinstance(x, Image.Image):
@@ -88,7 +119,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(x: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Load a PIL image, a file path or encoded bytes into an RGB PIL image.
+    """Load a PIL image, a file path, encoded bytes or a uint8 numpy array into an RGB PIL image.
 
     Raises ValueError for unreadable data or paths, zero-size images, images above ``max_pixels``
     (checked from the header before decoding) and modes that cannot become RGB.
@@ -96,6 +127,8 @@ def load_image(x: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
     ``max_pixels`` above that also needs Image.MAX_IMAGE_PIXELS raised.
     EXIF orientation is not applied (the reference does not apply it either).
     """
+    if isinstance(x, np.ndarray):
+        x = array_to_image(x)
     if isinstance(x, Image.Image):
         what = _describe(x)
         _check_size(x, what, max_pixels)
@@ -115,7 +148,7 @@ def load_image(x: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
             raise ImageError(f"cannot read image {what}: no such file")
     else:
         raise ImageError(
-            f"cannot read image of type {type(x).__name__}: expected a PIL image, a file path or bytes"
+            f"cannot read image of type {type(x).__name__}: expected a PIL image, a file path, bytes or {ARRAY_FORMS}"
         )
     try:
         with Image.open(src) as img:

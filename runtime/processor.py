@@ -11,12 +11,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .errors import InputError
 from .image_transform import (
+    ARRAY_FORMS,
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_MAX_PIXELS,
     DEFAULT_NUM_CROPS,
     ImageInput,
+    array_to_image,
     check_num_crops,
     num_image_tokens_for,
     preprocess_images,
@@ -36,12 +39,37 @@ class ProcessorOutput:
     num_img_tokens: list[int] = field(default_factory=list)  # [N] placeholder tokens per image
 
 
-def _as_image_list(images) -> list:
+_SINGLE = (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)
+
+
+def image_list(images) -> list:
+    """The images of a request as a list: None -> [], one image -> [it], a list/tuple of images -> a list.
+
+    An image is a file path (str or PathLike), encoded bytes, a PIL image or a uint8 numpy array
+    [H, W, C] (C = 1, 3 or 4) / [H, W]; arrays are turned into PIL images here (a copy). Anything
+    else (a float array, a 4-D array, a number, a dict, ...) raises InputError saying what is accepted."""
     if images is None:
         return []
-    if isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)):
-        return [images]  # a single image
-    return list(images)
+    if isinstance(images, np.ndarray):
+        return [_one_image(images, None)]  # one array is one image, never a list of its rows
+    if isinstance(images, _SINGLE):
+        return [images]
+    if isinstance(images, (dict, set, frozenset)) or not hasattr(images, "__iter__"):
+        raise InputError(f"images must be an image or a list of images, got {type(images).__name__} "
+                         f"(an image is a file path, bytes, a PIL image or {ARRAY_FORMS})")
+    return [_one_image(im, i) for i, im in enumerate(images)]
+
+
+def _one_image(im, index: int | None):
+    if isinstance(im, np.ndarray):
+        try:
+            return array_to_image(im)
+        except InputError as e:
+            raise InputError(f"image {index + 1}: {e}" if index is not None else str(e)) from None
+    if not isinstance(im, _SINGLE):
+        raise InputError(f"cannot read image of type {type(im).__name__} (image {index + 1}): expected a file "
+                         f"path, bytes, a PIL image or {ARRAY_FORMS}")
+    return im
 
 
 def _plural(n: int, word: str) -> str:
@@ -141,7 +169,7 @@ class Phi3VProcessor:
     ) -> ProcessorOutput:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        images = _as_image_list(images)
+        images = image_list(images)
         num_crops = self.num_crops if num_crops is None else check_num_crops(num_crops)
         check_placeholders(prompt, len(images))  # cheap checks before any image work
         if not images:

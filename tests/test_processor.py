@@ -514,3 +514,66 @@ def test_models_reexport_and_to_torch(proc):
     assert t["image_sizes"].tolist() == out.image_sizes.tolist()
     assert set(mp.to_torch(proc("hi"))) == {"input_ids"}
     assert isinstance(out, ProcessorOutput)
+
+
+# ------------------------------------------------------------------------------ numpy arrays (issue 16 item 1)
+
+
+def test_numpy_arrays_are_images(proc):
+    a = np.random.default_rng(3).integers(0, 256, (77, 123, 3), dtype=np.uint8)
+    ref = proc("<|image_1|>", [Image.fromarray(a)])
+    # one array is ONE image (it used to be read as a list of its 77 rows)
+    out = proc("<|image_1|>", a)
+    assert out.num_img_tokens == ref.num_img_tokens
+    np.testing.assert_array_equal(out.pixel_values, ref.pixel_values)
+    two = proc("<|image_1|><|image_2|>", [a, a[::-1]])
+    np.testing.assert_array_equal(two.pixel_values[0], ref.pixel_values[0])
+    np.testing.assert_array_equal(two.pixel_values[1], proc("<|image_1|>", Image.fromarray(a[::-1].copy())).pixel_values[0])
+    # grey [H, W] and [H, W, 1], RGBA (alpha dropped) and non-contiguous views
+    g = a[..., 0]
+    ref_g = proc("<|image_1|>", Image.fromarray(g)).pixel_values
+    np.testing.assert_array_equal(proc("<|image_1|>", g).pixel_values, ref_g)
+    np.testing.assert_array_equal(proc("<|image_1|>", g[..., None]).pixel_values, ref_g)
+    rgba = np.concatenate([a, np.zeros_like(a[..., :1])], axis=-1)
+    np.testing.assert_array_equal(proc("<|image_1|>", rgba).pixel_values, ref.pixel_values)
+    np.testing.assert_array_equal(it.load_image(a.transpose(1, 0, 2)), np.asarray(Image.fromarray(a).transpose(Image.TRANSPOSE)))
+    # the image is a copy: changing the array afterwards changes nothing
+    im = it.load_image(a)
+    a2 = a.copy()
+    im2 = it.load_image(a2)
+    a2[:] = 0
+    np.testing.assert_array_equal(np.asarray(im2), np.asarray(im))
+
+
+@pytest.mark.parametrize("bad, words", [
+    (np.zeros((20, 30, 3), np.float32), "dtype float32.*uint8"),
+    (np.zeros((2, 20, 30, 3), np.uint8), "shape 2x20x30x3.*list of"),
+    (np.zeros((3, 20, 30), np.uint8), "shape 3x20x30.*transpose"),
+    (np.zeros((20, 30, 2), np.uint8), r"shape 20x30x2.*\[H, W, 3\]"),
+    (np.zeros((0, 30, 3), np.uint8), "zero size"),
+    (np.zeros(5, np.uint8), "shape 5 "),
+])
+def test_bad_arrays_are_clear_input_errors(proc, bad, words):
+    from phi3v_edge.runtime.errors import InputError
+    from phi3v_edge.runtime.processor import image_list
+
+    for call in (lambda: image_list(bad), lambda: image_list([bad]), lambda: proc("<|image_1|>", bad),
+                 lambda: it.load_image(bad)):
+        with pytest.raises(InputError, match=words):
+            call()
+    assert proc("<|image_1|>", np.zeros((20, 30, 3), np.uint8)).num_img_tokens == [proc.num_image_tokens(30, 20)]
+
+
+def test_image_list_forms():
+    from phi3v_edge.runtime.errors import InputError
+    from phi3v_edge.runtime.processor import image_list
+
+    img = rand_image(8, 8)
+    assert image_list(None) == [] and image_list([]) == []
+    assert image_list("a.png") == ["a.png"] and image_list(b"xy") == [b"xy"] and image_list(img) == [img]
+    assert image_list(("a.png", img)) == ["a.png", img]
+    got = image_list(np.zeros((4, 5, 3), np.uint8))
+    assert len(got) == 1 and got[0].size == (5, 4) and got[0].mode == "RGB"
+    for bad, words in [(5, "got int"), ({"a": 1}, "got dict"), ([img, 3.5], "type float \\(image 2\\)")]:
+        with pytest.raises(InputError, match=words):
+            image_list(bad)
