@@ -31,7 +31,7 @@ from .decode import Decoder, Vision
 from .errors import BundleError, InputError, ProviderError, RequestCancelled
 from .image_layout import layout_index, valid_crops
 from .image_transform import DEFAULT_MAX_PIXELS, check_num_crops, preprocess_images
-from .processor import Phi3VProcessor, check_placeholders
+from .processor import Phi3VProcessor, check_placeholders, image_list
 from .rope import needs_long
 from .sampler import Sampler, SamplingParams
 from .session import check_provider
@@ -400,14 +400,7 @@ class Phi3VRuntime:
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _image_list(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(images, "getpixel"):
-        return [images]
-    try:
-        return list(images)
-    except TypeError:
-        raise InputError(f"images must be an image or a list of images, got {type(images).__name__}") from None
+    return image_list(images)  # one home: runtime/processor.py (numpy arrays are one image each)
 
 
 def _fingerprint(im) -> tuple:
