@@ -1,24 +1,35 @@
 """decoder.onnx, built directly from the checkpoint's weights (no tracing), one tensor at a time.
 
-I/O: exactly the contract in runtime/bundle.py (input_ids with negative image placeholders, image_features,
-past_key_values.{i}.key/.value [1, kv_heads, max_length, head_dim] shared with present.{i}.*, seqlens_k,
-total_sequence_length, cos_cache / sin_cache -> logits, present.{i}.*). The graph, with B = 1, S new tokens:
+I/O: exactly the contract in runtime/bundle.py (input_ids [B, S] with negative image placeholders,
+image_features, position_ids, past_key_values.{i}.key/.value [B, kv_heads, max_length, head_dim] shared with
+present.{i}.*, seqlens_k [B], total_sequence_length, cos_cache / sin_cache [2 * max_length, head_dim / 2]
+-> logits [B, 1, vocab], present.{i}.*). The graph, with B rows of S new tokens:
 
-    ids+ = Max(input_ids, 0);  tok = Gather(embed, ids+)                      [1, S, hidden]
+    ids+ = Max(input_ids, 0);  tok = Gather(embed, ids+)                      [B, S, hidden]
     mask = input_ids < 0;  feats = Concat(zero row, image_features)          [T+1, hidden]
     idx = CumSum(mask) * mask;  x = Where(mask, Gather(feats, idx), tok)    (row k of image_features at the
-                                                                             k-th negative id; no empty Gather)
+                                                                             k-th negative id; image rows
+                                                                             only with B = 1: prefill)
     per layer i:
       h, r = SkipSimplifiedLayerNormalization(prev_out, r, input_layernorm)  (layer 0: SimplifiedLayerNorm(x), r = x)
-      qkv  = MatMulNBits | MatMul (qkv_proj [9216, 3072], Q|K|V)             [1, S, (H + 2 KV) * hd]
-      a    = com.microsoft.GroupQueryAttention(qkv packed, past k/v, seqlens_k, total_sequence_length,
-                                               cos_cache, sin_cache; do_rotary=1, rotary_interleaved=0)
+      qkv  = MatMulNBits | MatMul (qkv_proj [9216, 3072], Q|K|V);  q, k, v = Split(qkv)
+      q, k = com.microsoft.RotaryEmbedding(q | k, position_ids, cos_cache, sin_cache; interleaved=0)
+      a    = com.microsoft.GroupQueryAttention(q, k, v, past k/v, seqlens_k, total_sequence_length; do_rotary=0)
       o    = o_proj(a)
       h, r = SkipSimplifiedLayerNormalization(o, r, post_attention_layernorm)
       g, u = Split(gate_up_proj(h))                                          (gate first, then up)
       prev_out = down_proj(u * g * Sigmoid(g))
     (last position only unless all_logits: Slice(prev_out), Slice(r))
     y = SkipSimplifiedLayerNormalization(prev_out, r, model.norm);  logits = lm_head(y)
+
+Why rotary outside GroupQueryAttention (format version 2): continuous batching puts rows of different
+lengths in one decode step, and each row has its own LongRoPE state (a long conversation past
+original_max_position_embeddings uses the long factors while a short one beside it keeps the short ones).
+GQA's built-in rotary takes ONE cos/sin table for the whole batch and derives positions from seqlens_k.
+With RotaryEmbedding fed explicit position_ids into a stacked [short; long] table (row p: short factors
+at position p; row max_length + p: long factors), every row picks its own factor set and position, the
+runtime owns both, and nothing else changes for a CUDA graph (position_ids is one more fixed buffer).
+The cost is one Split and two small elementwise ops per layer.
 
 GroupQueryAttention on ONNX Runtime 1.31, CPU provider (measured: a single-node GQA graph against a numpy
 reference, kv_heads < heads, fp32 error ~3e-7, fp16 ~1e-3; and the full decoder in tests/test_decoder_export.py):
@@ -60,6 +71,7 @@ from .quantize import SUPPORTED_BLOCK_SIZES, dequantize, quantize
 EMBEDDING_PRECISIONS = ("fp32", "fp16", "int8")
 IO_DTYPES = ("float32", "float16")
 MAX_LENGTH_DIM = "max_length"
+ROPE_ROWS_DIM = "rope_rows"  # 2 * max_length: the short table, then the long one
 
 
 @dataclass(frozen=True)
@@ -204,6 +216,61 @@ def dequantized_state_dict(reader, cfg: Phi3VConfig, precision: str, io_dtype: s
 
 
 # ---- the graph ---------------------------------------------------------------------------------------
+# attention(gb, layer, qkv) -> attention output [B, S, H * head_dim]: qkv is the packed Q|K|V projection
+AttentionFn = Callable[[GraphBuilder, int, str], str]
+
+
+def decoder_layers(gb: GraphBuilder, reader, cfg: Phi3VConfig, o: DecoderOptions, x: str, attention: AttentionFn,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[str, str]:
+    """The decoder blocks on x [B, S, hidden], streaming one layer's weights at a time; `attention` builds each
+    layer's attention from its packed qkv. Returns (y, r): the last block's output and the residual stream
+    before it (the final norm adds them). Shared by decoder.onnx and the onnxruntime-genai text graph."""
+    n_layers = cfg.num_hidden_layers
+    shapes = _shapes(cfg)
+    lin = dict(precision=o.precision, block_size=o.block_size, symmetric=o.symmetric)
+    r = None  # residual stream
+    y = x  # output of the previous block, to be added to r
+    for i in range(n_layers):
+        nm = _names(i)
+        pre = f"layers.{i}"
+        ln_in = gb.initializer(f"{pre}.input_layernorm.weight", _get(reader, nm["ln_in"], shapes["ln_in"]).astype(o.np_io))
+        if r is None:
+            hs = gb.node("SimplifiedLayerNormalization", [y, ln_in], name=f"{pre}/input_layernorm",
+                         epsilon=float(cfg.rms_norm_eps), axis=-1, stash_type=1)
+            r = y
+        else:
+            hs, r = _skip_norm(gb, y, r, ln_in, cfg, f"{pre}/input_layernorm")
+        qkv = gb.linear(hs, f"{pre}.self_attn.qkv_proj", _get(reader, nm["qkv"], shapes["qkv"]), **lin)
+        attn = attention(gb, i, qkv)
+        a = gb.linear(attn, f"{pre}.self_attn.o_proj", _get(reader, nm["o"], shapes["o"]), **lin)
+        ln_post = gb.initializer(f"{pre}.post_attention_layernorm.weight",
+                                 _get(reader, nm["ln_post"], shapes["ln_post"]).astype(o.np_io))
+        hs, r = _skip_norm(gb, a, r, ln_post, cfg, f"{pre}/post_attention_layernorm")
+        gu = gb.linear(hs, f"{pre}.mlp.gate_up_proj", _get(reader, nm["gate_up"], shapes["gate_up"]), **lin)
+        gate, up = gb.node("Split", [gu], outputs=2, name=f"{pre}/mlp/Split", axis=-1, num_outputs=2)
+        act = gb.node("Mul", [gate, gb.node("Sigmoid", [gate], name=f"{pre}/mlp/Sigmoid")], name=f"{pre}/mlp/silu")
+        m = gb.node("Mul", [up, act], name=f"{pre}/mlp/Mul")
+        y = gb.linear(m, f"{pre}.mlp.down_proj", _get(reader, nm["down"], shapes["down"]), **lin)
+        if progress:
+            progress(i + 1, n_layers)
+    return y, r
+
+
+def final_logits(gb: GraphBuilder, reader, cfg: Phi3VConfig, o: DecoderOptions, y: str, r: str,
+                 last_only: bool) -> str:
+    """Final norm and lm_head (on the last position only when last_only) -> logits [B, 1 or S, vocab]."""
+    if last_only:
+        last = dict(starts=gb.const([-1], np.int64), ends=gb.const([np.iinfo(np.int64).max], np.int64),
+                    axes=gb.const([1], np.int64))
+        y = gb.node("Slice", [y, last["starts"], last["ends"], last["axes"]], name="last/Slice_y")
+        r = gb.node("Slice", [r, last["starts"], last["ends"], last["axes"]], name="last/Slice_r")
+    h = cfg.hidden_size
+    norm_w = gb.initializer("model.norm.weight", _get(reader, "model.norm.weight", (h,)).astype(o.np_io))
+    yn, _ = _skip_norm(gb, y, r, norm_w, cfg, "final_norm")
+    return gb.linear(yn, "lm_head", _get(reader, "lm_head.weight", (cfg.vocab_size, h)),
+                     precision=o.lm_head_precision, block_size=o.block_size, symmetric=o.symmetric)
+
+
 def build_decoder(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: str, io_dtype: str | None = None,
                   block_size: int = 32, symmetric: bool = True, lm_head_precision: str | None = None,
                   embedding_precision: str | None = None, all_logits: bool = False, accuracy_level: int = 0,
@@ -219,66 +286,40 @@ def build_decoder(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: s
     gb = GraphBuilder(out_dir / fmt.DECODER_FILE, name="phi3v_decoder", io_dtype=o.io_dtype,
                       accuracy_level=o.accuracy_level)
     ft = gb.float_type
+    B = fmt.BATCH_DIM
     try:
-        ids = gb.input(fmt.INPUT_IDS, TensorProto.INT64, [1, "S"])
+        ids = gb.input(fmt.INPUT_IDS, TensorProto.INT64, [B, "S"])
         feats_in = gb.input(fmt.IMAGE_FEATURES, ft, ["T", h])
+        pos = gb.input(fmt.POSITION_IDS, TensorProto.INT64, [B, "S"])
         pasts = []
         for i in range(n_layers):
             pk, pv = fmt.past_names(i)
-            pasts.append((gb.input(pk, ft, [1, KV, MAX_LENGTH_DIM, hd]), gb.input(pv, ft, [1, KV, MAX_LENGTH_DIM, hd])))
-        seqlens = gb.input(fmt.SEQLENS_K, TensorProto.INT32, [1])
+            pasts.append((gb.input(pk, ft, [B, KV, MAX_LENGTH_DIM, hd]), gb.input(pv, ft, [B, KV, MAX_LENGTH_DIM, hd])))
+        seqlens = gb.input(fmt.SEQLENS_K, TensorProto.INT32, [B])
         total = gb.input(fmt.TOTAL_SEQ_LEN, TensorProto.INT32, [])
-        cos = gb.input(fmt.COS_CACHE, ft, [MAX_LENGTH_DIM, hd // 2])
-        sin = gb.input(fmt.SIN_CACHE, ft, [MAX_LENGTH_DIM, hd // 2])
+        cos = gb.input(fmt.COS_CACHE, ft, [ROPE_ROWS_DIM, hd // 2])
+        sin = gb.input(fmt.SIN_CACHE, ft, [ROPE_ROWS_DIM, hd // 2])
+        split = gb.const([cfg.q_size, cfg.kv_size, cfg.kv_size], np.int64)
+
+        def attention(gb: GraphBuilder, i: int, qkv: str) -> str:
+            # rotary outside GroupQueryAttention: each row's position_ids pick its rows of the stacked
+            # [short; long] tables, so rows under different LongRoPE factors share one batched step
+            pre = f"layers.{i}"
+            q, k, v = gb.node("Split", [qkv, split], outputs=3, name=f"{pre}/attn/Split_qkv", axis=-1)
+            q = gb.ms("RotaryEmbedding", [q, pos, cos, sin], name=f"{pre}/attn/rotary_q", interleaved=0, num_heads=H)
+            k = gb.ms("RotaryEmbedding", [k, pos, cos, sin], name=f"{pre}/attn/rotary_k", interleaved=0, num_heads=KV)
+            pk, pv = pasts[i]
+            return gb.ms("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total],
+                         outputs=[f"{pre}/attn", *fmt.present_names(i)], name=f"{pre}/GroupQueryAttention",
+                         num_heads=H, kv_num_heads=KV, do_rotary=0)[0]
 
         x = _embedding(gb, reader, cfg, o, ids, feats_in)
-        shapes = _shapes(cfg)
-        r = None  # residual stream
-        y = x  # output of the previous block, to be added to r
-        for i in range(n_layers):
-            nm = _names(i)
-            pre = f"layers.{i}"
-            ln_in = gb.initializer(f"{pre}.input_layernorm.weight", _get(reader, nm["ln_in"], shapes["ln_in"]).astype(o.np_io))
-            if r is None:
-                hs = gb.node("SimplifiedLayerNormalization", [y, ln_in], name=f"{pre}/input_layernorm",
-                             epsilon=float(cfg.rms_norm_eps), axis=-1, stash_type=1)
-                r = y
-            else:
-                hs, r = _skip_norm(gb, y, r, ln_in, cfg, f"{pre}/input_layernorm")
-            qkv = gb.linear(hs, f"{pre}.self_attn.qkv_proj", _get(reader, nm["qkv"], shapes["qkv"]), precision=o.precision,
-                            block_size=o.block_size, symmetric=o.symmetric)
-            pk, pv = pasts[i]
-            attn = gb.ms("GroupQueryAttention", [qkv, None, None, pk, pv, seqlens, total, cos, sin],
-                         outputs=[f"{pre}/attn", *fmt.present_names(i)], name=f"{pre}/GroupQueryAttention",
-                         num_heads=H, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0)[0]
-            a = gb.linear(attn, f"{pre}.self_attn.o_proj", _get(reader, nm["o"], shapes["o"]), precision=o.precision,
-                          block_size=o.block_size, symmetric=o.symmetric)
-            ln_post = gb.initializer(f"{pre}.post_attention_layernorm.weight",
-                                     _get(reader, nm["ln_post"], shapes["ln_post"]).astype(o.np_io))
-            hs, r = _skip_norm(gb, a, r, ln_post, cfg, f"{pre}/post_attention_layernorm")
-            gu = gb.linear(hs, f"{pre}.mlp.gate_up_proj", _get(reader, nm["gate_up"], shapes["gate_up"]),
-                           precision=o.precision, block_size=o.block_size, symmetric=o.symmetric)
-            gate, up = gb.node("Split", [gu], outputs=2, name=f"{pre}/mlp/Split", axis=-1, num_outputs=2)
-            act = gb.node("Mul", [gate, gb.node("Sigmoid", [gate], name=f"{pre}/mlp/Sigmoid")], name=f"{pre}/mlp/silu")
-            m = gb.node("Mul", [up, act], name=f"{pre}/mlp/Mul")
-            y = gb.linear(m, f"{pre}.mlp.down_proj", _get(reader, nm["down"], shapes["down"]), precision=o.precision,
-                          block_size=o.block_size, symmetric=o.symmetric)
-            if progress:
-                progress(i + 1, n_layers)
-
-        if not o.all_logits:  # the final norm and lm_head on the last position only
-            last = dict(starts=gb.const([-1], np.int64), ends=gb.const([np.iinfo(np.int64).max], np.int64),
-                        axes=gb.const([1], np.int64))
-            y = gb.node("Slice", [y, last["starts"], last["ends"], last["axes"]], name="last/Slice_y")
-            r = gb.node("Slice", [r, last["starts"], last["ends"], last["axes"]], name="last/Slice_r")
-        norm_w = gb.initializer("model.norm.weight", _get(reader, "model.norm.weight", (h,)).astype(o.np_io))
-        yn, _ = _skip_norm(gb, y, r, norm_w, cfg, "final_norm")
-        logits = gb.linear(yn, "lm_head", _get(reader, "lm_head.weight", (cfg.vocab_size, h)),
-                           precision=o.lm_head_precision, block_size=o.block_size, symmetric=o.symmetric)
-        gb.output(logits, ft, [1, "S" if o.all_logits else 1, cfg.vocab_size], name=fmt.LOGITS)
+        y, r = decoder_layers(gb, reader, cfg, o, x, attention, progress)
+        logits = final_logits(gb, reader, cfg, o, y, r, last_only=not o.all_logits)
+        gb.output(logits, ft, [B, "S" if o.all_logits else 1, cfg.vocab_size], name=fmt.LOGITS)
         for i in range(n_layers):
             for nme in fmt.present_names(i):
-                gb.output(nme, ft, [1, KV, MAX_LENGTH_DIM, hd])
+                gb.output(nme, ft, [B, KV, MAX_LENGTH_DIM, hd])
         gb.save()
     except BaseException:
         gb.close()

@@ -6,18 +6,21 @@ A bundle is a directory:
     vision.onnx  (+ vision.onnx.data)  valid crops -> image features laid out for the decoder
     tokenizer.json, tokenizer_config.json, preprocessor_config.json, generation_config.json, ...
 
-decoder.onnx I/O (B = 1, S = new tokens this call, M = max_length of the KV buffers):
-    input_ids               int64  [1, S]       token ids; image placeholder positions hold negative ids
-    image_features          io     [T, hidden]  rows written, in order, at the S positions where input_ids < 0
-                                                (T = count of negative ids; T = 0 on decode steps)
-    past_key_values.{i}.key / .value  io [1, kv_heads, M, head_dim]  same buffer as present.{i}.* (bind both)
-    seqlens_k               int32  [1]          total length after this call - 1
-    total_sequence_length   int32  []           total length after this call (past + S)
-    cos_cache, sin_cache    io     [M, head_dim/2]  LongRoPE tables (short or long factors, scaled): the caller
-                                                picks the set, see runtime/rope.py
+decoder.onnx I/O (format version 2; B = rows, S = new tokens per row this call, M = max_length of the KV buffers):
+    input_ids               int64  [B, S]       token ids; image placeholder positions hold negative ids
+    image_features          io     [T, hidden]  rows written, in order, at the positions where input_ids < 0
+                                                (T = count of negative ids; B = 1 when T > 0; T = 0 on decode steps)
+    position_ids            int64  [B, S]       row of cos_cache/sin_cache for each new token: the position p
+                                                under the short LongRoPE factors, M + p under the long ones
+    past_key_values.{i}.key / .value  io [B, kv_heads, M, head_dim]  same buffer as present.{i}.* (bind both)
+    seqlens_k               int32  [B]          per row: total length after this call - 1
+    total_sequence_length   int32  []           the largest total length after this call over the rows (<= M)
+    cos_cache, sin_cache    io     [2 M, head_dim/2]  LongRoPE tables, short factors (rows 0..M-1) then long
+                                                (rows M..2M-1), scaled: see runtime/rope.py
   ->
-    logits                  io     [1, 1, vocab] (last position; [1, S, vocab] if manifest decoder.all_logits)
-    present.{i}.key / .value          io [1, kv_heads, M, head_dim]
+    logits                  io     [B, 1, vocab] (last position; [B, S, vocab] if manifest decoder.all_logits)
+    present.{i}.key / .value          io [B, kv_heads, M, head_dim]
+    Rows are independent: a batched decode step (S = 1) gives each row the logits it would get alone.
 
 vision.onnx I/O:
     pixel_values            io     [C, 3, 336, 336]  the valid crops of all images (per image: global view first,
@@ -36,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "phi3v-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: batch dimension, position_ids, stacked [short; long] rope tables
 MANIFEST = "manifest.json"
 DECODER_FILE = "decoder.onnx"
 VISION_FILE = "vision.onnx"
@@ -44,11 +47,13 @@ VISION_FILE = "vision.onnx"
 # decoder.onnx names
 INPUT_IDS = "input_ids"
 IMAGE_FEATURES = "image_features"
+POSITION_IDS = "position_ids"
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQ_LEN = "total_sequence_length"
 COS_CACHE = "cos_cache"
 SIN_CACHE = "sin_cache"
 LOGITS = "logits"
+BATCH_DIM = "batch"
 # vision.onnx names
 PIXEL_VALUES = "pixel_values"
 LAYOUT_INDEX = "layout_index"

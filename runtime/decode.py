@@ -27,7 +27,7 @@ import onnxruntime as ort
 from . import bundle as fmt
 from .errors import BundleError
 from .kv_cache import KVCache
-from .rope import cos_sin_tables
+from .rope import stacked_tables, table_rows
 from .session import create_session, device_of, numpy_dtype, run_options
 
 DECODE_GRAPH_ID = 1  # the CUDA graph of the decode step (one per runtime: batch 1, one max_length)
@@ -75,23 +75,24 @@ class Decoder:
         self.step_ids = new([1, 1], np.int64, dev, did)
         self.no_features = new([0, self.hidden], self.io_dtype, dev, did)
         self.seqlens_k = new([1], np.int32, dev, did)
+        self.step_pos = new([1, 1], np.int64, dev, did)
         self.total_len = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int32))  # host, as GQA wants it
-        half = self.head_dim // 2
-        self.cos = new([self.max_length, half], self.rope_dtype, dev, did)
-        self.sin = new([self.max_length, half], self.rope_dtype, dev, did)
+        cos, sin = stacked_tables(self.rope, self.head_dim, self.max_length, self.rope_dtype)
+        self.cos = ort.OrtValue.ortvalue_from_numpy(cos, dev, did)
+        self.sin = ort.OrtValue.ortvalue_from_numpy(sin, dev, did)
         self.logits = new([1, 1, self.vocab_size], self.logits_dtype, dev, did)
         # host scratch written into the fixed buffers
         self._ids_host = np.zeros((1, 1), np.int64)
         self._seq_host = np.zeros((1,), np.int32)
         self._tot_host = np.zeros((), np.int32)
-        self._tables: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
-        self.rope_long: bool | None = None
-        self.set_rope(False)
+        self._pos_host = np.zeros((1, 1), np.int64)
+        self.rope_long = False
 
         self._step_binding = self.session.io_binding()
         self._bind_common(self._step_binding)
         self._step_binding.bind_ortvalue_input(fmt.INPUT_IDS, self.step_ids)
         self._step_binding.bind_ortvalue_input(fmt.IMAGE_FEATURES, self.no_features)
+        self._step_binding.bind_ortvalue_input(fmt.POSITION_IDS, self.step_pos)
         self._step_binding.bind_ortvalue_output(fmt.LOGITS, self.logits)
         self._step_ro = run_options(DECODE_GRAPH_ID if self.cuda_graph else None)
         self._prefill_ro = run_options(-1 if self.cuda_graph else None)
@@ -120,16 +121,8 @@ class Decoder:
         b.bind_ortvalue_input(fmt.SIN_CACHE, self.sin)
 
     def set_rope(self, long: bool) -> None:
-        """Write the short or long LongRoPE tables into the bound cos/sin buffers (same addresses)."""
-        long = bool(long)
-        if self.rope_long is long:
-            return
-        if long not in self._tables:
-            self._tables[long] = cos_sin_tables(self.rope, self.head_dim, self.max_length, long, self.rope_dtype)
-        cos, sin = self._tables[long]
-        self.cos.update_inplace(cos)
-        self.sin.update_inplace(sin)
-        self.rope_long = long
+        """Use the short or long LongRoPE factors from the next call on (an offset into the stacked tables)."""
+        self.rope_long = bool(long)
 
     def _set_lengths(self, total: int) -> None:
         self._seq_host[0] = total - 1
@@ -166,6 +159,8 @@ class Decoder:
         else:
             b.bind_ortvalue_output(fmt.LOGITS, self.logits)
         self._set_lengths(start + s)
+        pos = table_rows(np.arange(start, start + s)[None], self.rope_long, self.max_length)
+        b.bind_ortvalue_input(fmt.POSITION_IDS, ort.OrtValue.ortvalue_from_numpy(pos, dev, did))
         self.session.run_with_iobinding(b, self._prefill_ro)
         if self.all_logits:
             last = b.get_outputs()[0].numpy()[:, -1:, :]
@@ -181,6 +176,8 @@ class Decoder:
             self._ids_host[0, 0] = token
             self.step_ids.update_inplace(self._ids_host)
         self._set_lengths(total)
+        self._pos_host[0, 0] = total - 1 + (self.max_length if self.rope_long else 0)
+        self.step_pos.update_inplace(self._pos_host)
         self.session.run_with_iobinding(self._step_binding, self._step_ro)
         self.cache.advance(1)
 

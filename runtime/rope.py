@@ -33,3 +33,16 @@ def cos_sin_tables(rope: dict, head_dim: int, max_length: int, long: bool, dtype
 def needs_long(rope: dict, total_length: int) -> bool:
     """Which factor set a sequence of this total length uses."""
     return bool(rope.get("type")) and total_length > rope["original_max_position_embeddings"]
+
+
+def stacked_tables(rope: dict, head_dim: int, max_length: int, dtype=np.float32):
+    """The decoder's cos_cache / sin_cache [2 * max_length, head_dim/2]: the short-factor table (rows 0..M-1)
+    then the long-factor one (rows M..2M-1), so each batch row picks its factor set by its position_ids."""
+    short = cos_sin_tables(rope, head_dim, max_length, False, dtype)
+    long = cos_sin_tables(rope, head_dim, max_length, True, dtype)
+    return np.concatenate([short[0], long[0]]), np.concatenate([short[1], long[1]])
+
+
+def table_rows(positions, long: bool, max_length: int) -> np.ndarray:
+    """position_ids for these positions: p under the short factors, max_length + p under the long ones."""
+    return np.asarray(positions, dtype=np.int64) + (max_length if long else 0)

@@ -19,7 +19,7 @@ from phi3v_edge.models.decoder import KVCache
 from phi3v_edge.models.modeling import Phi3VForCausalLM
 from phi3v_edge.models.testing import tiny_config, write_tiny_checkpoint
 from phi3v_edge.runtime import bundle as fmt
-from phi3v_edge.runtime.rope import cos_sin_tables, needs_long
+from phi3v_edge.runtime.rope import needs_long, stacked_tables, table_rows
 
 ORIG = 330  # original_max_position_embeddings of the test model
 M = 1024  # KV buffer length
@@ -94,7 +94,7 @@ class OrtDecoder:
         shape = (1, cfg.num_key_value_heads, max_length, cfg.head_dim)
         self.kv = [[ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dt)) for _ in range(2)]
                    for _ in range(cfg.num_hidden_layers)]
-        self.tables = {lg: cos_sin_tables(_rope(cfg), cfg.head_dim, max_length, lg, self.dt) for lg in (False, True)}
+        self.cos, self.sin = stacked_tables(_rope(cfg), cfg.head_dim, max_length, self.dt)
         self.past, self.force_long = 0, force_long
 
     def step(self, ids: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
@@ -114,9 +114,9 @@ class OrtDecoder:
         b.bind_cpu_input(fmt.SEQLENS_K, np.array([total - 1], np.int32))
         b.bind_cpu_input(fmt.TOTAL_SEQ_LEN, np.array(total, np.int32))
         long = needs_long(_rope(self.cfg), total) if self.force_long is None else self.force_long
-        cos, sin = self.tables[long]
-        b.bind_cpu_input(fmt.COS_CACHE, cos)
-        b.bind_cpu_input(fmt.SIN_CACHE, sin)
+        b.bind_cpu_input(fmt.POSITION_IDS, table_rows(np.arange(self.past, total)[None], long, self.M))
+        b.bind_cpu_input(fmt.COS_CACHE, self.cos)
+        b.bind_cpu_input(fmt.SIN_CACHE, self.sin)
         self.s.run_with_iobinding(b)
         self.past = total
         return b.get_outputs()[0].numpy().astype(np.float32)
@@ -219,6 +219,52 @@ def test_fp32_images_prefill_chunks_and_decode(ckpt, reference, prompts, tmp_pat
               chunks=[cut - 120, 120, ids.shape[1] - cut])
 
 
+def test_fp32_batched_decode_step_equals_rows_alone(ckpt, prompts, tmp_path_factory):
+    """One decode step over 3 rows of different lengths, one of them under the long LongRoPE factors, gives
+    every row the logits of its own batch-1 step (rows are independent: seqlens_k and position_ids per row)."""
+    out, _ = _build(ckpt, tmp_path_factory, precision="fp32")
+    cfg = ckpt[1]
+    rows = []
+    for name in ("text", "one_image", "two_images"):  # 12, 325 (short) and 786 (long) tokens
+        ids = prompts[name][0]
+        dec = OrtDecoder(out / fmt.DECODER_FILE, cfg)
+        y = dec.step(ids, _features(prompts, ids))
+        rows.append((dec, int(np.argmax(y[0, -1]))))
+    assert [needs_long(_rope(cfg), d.past + 1) for d, _ in rows] == [False, False, True]
+    # the batched step: each row's KV copied into a [3, ...] buffer, then one run
+    B = len(rows)
+    kv = [[ort.OrtValue.ortvalue_from_numpy(np.concatenate([d.kv[i][j].numpy() for d, _ in rows]))
+           for j in range(2)] for i in range(cfg.num_hidden_layers)]
+    solo = [d.step(np.array([[t]]))[0, -1] for d, t in rows]  # the rows alone (their own buffers advance)
+    s = rows[0][0].s
+    b = s.io_binding()
+    b.bind_output(fmt.LOGITS)
+    b.bind_cpu_input(fmt.INPUT_IDS, np.array([[t] for _, t in rows], np.int64))
+    b.bind_cpu_input(fmt.IMAGE_FEATURES, np.zeros((0, cfg.hidden_size), np.float32))
+    for i, (k, v) in enumerate(kv):
+        (pk, pv), (ok, ov) = fmt.past_names(i), fmt.present_names(i)
+        b.bind_ortvalue_input(pk, k)
+        b.bind_ortvalue_input(pv, v)
+        b.bind_ortvalue_output(ok, k)
+        b.bind_ortvalue_output(ov, v)
+    totals = [d.past for d, _ in rows]  # after the step
+    b.bind_cpu_input(fmt.SEQLENS_K, np.array([t - 1 for t in totals], np.int32))
+    b.bind_cpu_input(fmt.TOTAL_SEQ_LEN, np.array(max(totals), np.int32))
+    b.bind_cpu_input(fmt.POSITION_IDS, np.stack([table_rows([t - 1], needs_long(_rope(cfg), t), M) for t in totals]))
+    b.bind_cpu_input(fmt.COS_CACHE, rows[0][0].cos)
+    b.bind_cpu_input(fmt.SIN_CACHE, rows[0][0].sin)
+    s.run_with_iobinding(b)
+    batched = b.get_outputs()[0].numpy()
+    assert batched.shape == (B, 1, cfg.vocab_size)
+    for r in range(B):
+        assert _rel(batched[r, 0], solo[r]) < 1e-5, r
+    # the new rows were written into each row's own slot at its own position
+    for i in range(cfg.num_hidden_layers):
+        for r, (d, _) in enumerate(rows):
+            np.testing.assert_allclose(kv[i][0].numpy()[r, :, : d.past], d.kv[i][0].numpy()[0, :, : d.past],
+                                       rtol=1e-5, atol=1e-6)
+
+
 def test_fp32_all_logits(ckpt, reference, prompts, tmp_path_factory):
     out, man = _build(ckpt, tmp_path_factory, precision="fp32", all_logits=True)
     assert man["all_logits"] is True
@@ -280,12 +326,14 @@ def test_graph_io_contract(ckpt, tmp_path_factory):
     s = ort.InferenceSession(str(out / fmt.DECODER_FILE), providers=["CPUExecutionProvider"])
     ins = {i.name: i for i in s.get_inputs()}
     outs = {o.name: o for o in s.get_outputs()}
-    kv = [1, cfg.num_key_value_heads, "max_length", cfg.head_dim]
-    assert ins[fmt.INPUT_IDS].shape == [1, "S"] and ins[fmt.INPUT_IDS].type == "tensor(int64)"
+    kv = ["batch", cfg.num_key_value_heads, "max_length", cfg.head_dim]
+    assert ins[fmt.INPUT_IDS].shape == ins[fmt.POSITION_IDS].shape == ["batch", "S"]
+    assert ins[fmt.INPUT_IDS].type == ins[fmt.POSITION_IDS].type == "tensor(int64)"
     assert ins[fmt.IMAGE_FEATURES].shape == ["T", cfg.hidden_size]
     assert ins[fmt.SEQLENS_K].type == ins[fmt.TOTAL_SEQ_LEN].type == "tensor(int32)"
-    assert ins[fmt.COS_CACHE].shape == ["max_length", cfg.head_dim // 2]
-    assert outs[fmt.LOGITS].shape == [1, 1, cfg.vocab_size]
+    assert ins[fmt.SEQLENS_K].shape == ["batch"]
+    assert ins[fmt.COS_CACHE].shape == ["rope_rows", cfg.head_dim // 2]
+    assert outs[fmt.LOGITS].shape == ["batch", 1, cfg.vocab_size]
     for i in range(cfg.num_hidden_layers):
         for n in fmt.past_names(i):
             assert ins[n].shape == kv
