@@ -3,7 +3,8 @@
     python -m phi3v_edge.benchmarks.quality [--n 200] [--workdir /tmp/p3v-quality] [--checkpoint DIR]
 
 For the PyTorch reference and each bundle variant (fp32, fp16, INT8, INT4 at block 32/128, symmetric
-and asymmetric; CPU provider): exact-answer accuracy, agreement of the greedy tokens with the fp32
+and asymmetric; the CPU speed options: MatMulNBits accuracy_level 4, an INT8 vision encoder, and the
+`--target cpu` defaults; CPU provider): exact-answer accuracy, agreement of the greedy tokens with the fp32
 reference's, and the mean KL divergence KL(reference || variant) of the next-token distributions along
 the reference's answer (teacher-forced). Writes benchmarks/results/quality-<date>.{json,md}.
 """
@@ -19,14 +20,27 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {  # name -> export options
+_A0 = dict(accuracy_level=0, vision_precision="fp32")  # the CPU export before the fast defaults (issue 18)
+VARIANTS = {  # name -> export options (target cpu)
     "fp32": dict(precision="fp32"),
     "fp16": dict(precision="fp16"),
-    "int8-b32": dict(precision="int8", block_size=32),
-    "int4-b32-sym": dict(precision="int4", block_size=32),
-    "int4-b32-asym": dict(precision="int4", block_size=32, symmetric=False),
-    "int4-b128-sym": dict(precision="int4", block_size=128),
-    "int4-b128-asym": dict(precision="int4", block_size=128, symmetric=False),
+    "int8-b32": dict(precision="int8", block_size=32, **_A0),
+    "int4-b32-sym": dict(precision="int4", block_size=32, **_A0),
+    "int4-b32-asym": dict(precision="int4", block_size=32, symmetric=False, **_A0),
+    "int4-b128-sym": dict(precision="int4", block_size=128, **_A0),
+    "int4-b128-asym": dict(precision="int4", block_size=128, symmetric=False, **_A0),
+    # CPU speed options, one at a time, then together (the --target cpu defaults)
+    "int4-b32-acc4": dict(precision="int4", block_size=32, accuracy_level=4, vision_precision="fp32"),
+    "int4-b32-vis8": dict(precision="int4", block_size=32, accuracy_level=0, vision_precision="int8"),
+    "int4-b32-acc4-vis8": dict(precision="int4", block_size=32, accuracy_level=4, vision_precision="int8"),
+    "int4-cpu-default": dict(precision="int4"),
+    "int8-b32-acc4-vis8": dict(precision="int8", block_size=32, accuracy_level=4, vision_precision="int8"),
+    "int4-b64-acc4-vis8": dict(precision="int4", block_size=64, accuracy_level=4, vision_precision="int8"),
+    "int4-b128-acc4-vis8": dict(precision="int4", block_size=128, accuracy_level=4, vision_precision="int8"),
+    "int4-b32-acc4-vis8-lm8": dict(precision="int4", block_size=32, accuracy_level=4, vision_precision="int8",
+                                   lm_head_precision="int8"),
+    "int4-b32-acc4-vis8-emb8": dict(precision="int4", block_size=32, accuracy_level=4, vision_precision="int8",
+                                    embedding_precision="int8"),
 }
 MAX_NEW = 8
 
@@ -112,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="default: the bundled demo checkpoint")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--results-dir", default=str(RESULTS))
+    ap.add_argument("--name", default="quality", help="results file stem: NAME-<date>.{json,md} (default quality)")
     a = ap.parse_args(argv)
     from phi3v_edge.export.bundle import export_bundle
     from phi3v_edge.models import demo_data
@@ -134,8 +149,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         runs = bundle_pass(out, examples, ref, demo_data.prompt)
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and "onnx" in p.name) / 1e6
+        m = json.loads((out / "manifest.json").read_text())
+        resolved = {"accuracy_level": m["decoder"].get("accuracy_level"), "vision_precision": m["vision"]["precision"],
+                    "block_size": m["decoder"].get("block_size")}
         rows.append(summarize(name, runs, examples, ref, {"seconds": round(time.perf_counter() - t0, 1),
-                                                          "bundle_mb": round(size, 2), **opts}))
+                                                          "bundle_mb": round(size, 2), **resolved, **opts}))
         print(f"| {name} | {100 * rows[-1]['accuracy']:.1f}% | {100 * rows[-1]['token_agreement']:.1f}% | "
               f"{rows[-1]['mean_kl']:.2e} |", flush=True)
     now = dt.datetime.now(dt.timezone.utc)
@@ -144,7 +162,7 @@ def main(argv=None) -> int:
            "checkpoint": str(ckpt), "n": a.n, "max_new_tokens": MAX_NEW, "rows": rows}
     results = Path(a.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    stem = f"quality-{now:%Y-%m-%d}"
+    stem = f"{a.name}-{now:%Y-%m-%d}"
     (results / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (results / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))

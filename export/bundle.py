@@ -19,9 +19,10 @@ from phi3v_edge.runtime import bundle as fmt
 from .decoder_graph import build_decoder
 from .graph_builder import PRECISIONS
 from .vision_graph import PRECISIONS as VISION_PRECISIONS
-from .vision_graph import build_vision
+from .vision_graph import build_vision, int8_block_size
 
 BLOCK_SIZES = (32, 64, 128)
+ACCURACY_LEVELS = (0, 4)  # MatMulNBits accuracy_level: 0 = fp32 activations, 4 = int8 activations (CPU kernels)
 REQUIRED_SIDE_FILES = ("tokenizer.json", "preprocessor_config.json")
 
 
@@ -34,8 +35,22 @@ def default_io_dtype(precision: str, target: str) -> str:
     return "float32" if precision == "fp32" or target == "cpu" else "float16"
 
 
+def cpu_defaults(precision: str, target: str, vision_precision: str | None,
+                 accuracy_level: int | None) -> tuple[str | None, int]:
+    """The CPU target's fast defaults (quality table: benchmarks/results/quality-cpu-2026-12-01.md):
+    accuracy_level 4 for quantized weights (int8 activations in MatMulNBits) and an int8 vision encoder.
+    CUDA (and float precisions) keep accuracy_level 0 and the vision precision of the io dtype."""
+    fast = target == "cpu" and precision in ("int4", "int8")
+    if accuracy_level is None:
+        accuracy_level = 4 if fast else 0
+    if vision_precision is None and fast:
+        vision_precision = "int8"
+    return vision_precision, accuracy_level
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *,
                   target: str = "cuda", vision_precision: str | None = None, block_size: int = 32,
+                  accuracy_level: int | None = None,
                   symmetric: bool = True, lm_head_precision: str | None = None,
                   embedding_precision: str | None = None, all_logits: bool = False, force: bool = False,
                   progress: Callable[[str, int, int], None] | None = None) -> Path:
@@ -43,13 +58,17 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
 
     precision: decoder weights (fp32/fp16 keep float MatMul; int8/int4 use MatMulNBits).
     target: "cuda" (fp16 activations) or "cpu" (fp32 activations); fp32 precision is fp32 everywhere.
-    vision_precision: default fp16 on CUDA, fp32 on CPU (and for the fp32 precision)."""
+    vision_precision: default fp16 on CUDA, int8 on CPU for int4/int8 decoders, else fp32 (and for fp32).
+    accuracy_level: MatMulNBits accuracy_level of both graphs (0 or 4); default 4 for CPU int4/int8, else 0."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     if target not in ("cuda", "cpu"):
         raise ExportError(f"target {target!r}: choose 'cuda' or 'cpu'")
     if block_size not in BLOCK_SIZES:
         raise ExportError(f"block size {block_size} is not supported; choose one of {BLOCK_SIZES}")
+    vision_precision, accuracy_level = cpu_defaults(precision, target, vision_precision, accuracy_level)
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ExportError(f"accuracy level {accuracy_level} is not supported; choose one of {ACCURACY_LEVELS}")
     io_dtype = default_io_dtype(precision, target)
     if vision_precision is None:
         vision_precision = "fp32" if io_dtype == "float32" else "fp16"
@@ -68,13 +87,15 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         vision = build_vision(reader, cfg, tmp, precision=vision_precision,
-                              io_dtype="float32" if vision_precision == "fp32" else "float16",
-                              block_size=block_size,
+                              io_dtype="float16" if vision_precision == "fp16" or io_dtype == "float16" and
+                              vision_precision != "fp32" else "float32",
+                              block_size=int8_block_size(cfg, block_size) if vision_precision == "int8" else block_size,
+                              accuracy_level=accuracy_level,
                               progress=(lambda i, n: progress("vision", i, n)) if progress else None)
         decoder = build_decoder(reader, cfg, tmp, precision=precision, io_dtype=io_dtype, block_size=block_size,
                                 symmetric=symmetric, lm_head_precision=lm_head_precision,
                                 embedding_precision=embedding_precision, all_logits=all_logits,
-                                progress=(lambda i, n: progress("decoder", i, n)) if progress else None)
+                                accuracy_level=accuracy_level, progress=(lambda i, n: progress("decoder", i, n)) if progress else None)
         side = _copy_side_files(src, tmp)
         manifest = _manifest(cfg, src, checkpoint, tmp, vision, decoder, side)
         (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from .bundle import BLOCK_SIZES, PRECISIONS, VISION_PRECISIONS
+from .bundle import ACCURACY_LEVELS, BLOCK_SIZES, PRECISIONS, VISION_PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,8 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
                    help="activation dtype: fp16 for cuda (default), fp32 for cpu")
     p.add_argument("--vision-precision", choices=VISION_PRECISIONS, default=None,
-                   help="vision encoder weights (default fp16 for cuda, fp32 for cpu)")
+                   help="vision encoder weights (default fp16 for cuda; for cpu int8 with an int4/int8 decoder, "
+                        "else fp32)")
     p.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="quantization block size (default 32)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=ACCURACY_LEVELS,
+                   help="MatMulNBits accuracy_level of the decoder and the vision encoder: 0 = fp32 activations, "
+                        "4 = int8 activations (faster CPU kernels). Default 4 for --target cpu with "
+                        "int4/int8 weights, else 0 (the CUDA kernels ignore it)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (min/max, with zero points) quantization")
     p.add_argument("--lm-head-precision", choices=PRECISIONS, default=None,
                    help="lm_head weights (default: like the layers)")
@@ -68,6 +73,7 @@ def main(argv=None) -> int:
     try:
         out = export_bundle(args.checkpoint, args.out, args.precision, target=args.target,
                             vision_precision=args.vision_precision, block_size=args.block_size,
+                            accuracy_level=args.accuracy_level,
                             symmetric=not args.asymmetric, lm_head_precision=args.lm_head_precision,
                             embedding_precision=args.embedding_precision, all_logits=args.all_logits,
                             force=args.force, progress=bar)

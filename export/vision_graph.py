@@ -49,6 +49,17 @@ class VisionExportError(ValueError):
     """A vision export request that cannot be honoured (precision, block size, shapes)."""
 
 
+def int8_block_size(cfg: Phi3VConfig, block_size: int) -> int:
+    """The largest supported block size <= `block_size` that divides every int8 linear's input size
+    (CLIP hidden and intermediate, merged feature, hidden): the decoder's block size where it fits."""
+    vc = cfg.vision
+    dims = (vc.hidden_size, vc.intermediate_size, cfg.merged_dim, cfg.hidden_size)
+    for b in sorted(SUPPORTED_BLOCK_SIZES, reverse=True):
+        if b <= block_size and all(k % b == 0 for k in dims):
+            return b
+    raise VisionExportError(f"int8 vision: no supported block size divides the linear sizes {dims}")
+
+
 def build_vision(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: str = "fp32",
                  io_dtype: str | None = None, block_size: int = 32, accuracy_level: int = 0,
                  progress: Callable[[int, int], Any] | None = None) -> dict[str, Any]:

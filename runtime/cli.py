@@ -80,6 +80,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-rope", choices=("auto", "always"), default="auto",
                    help="LongRoPE factors: short up to 4096 tokens then recompute (auto), or long from the start")
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: decode without CUDA graph replay")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU intra-op threads (default: $PHI3V_EDGE_THREADS, else the physical cores)")
 
 
 def main(argv=None) -> int:
@@ -146,7 +148,7 @@ def _runtime(args):
 
         provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
     return Phi3VRuntime(args.bundle, provider=provider, max_length=args.max_length, long_rope=args.long_rope,
-                        cuda_graph=False if args.no_cuda_graph else None)
+                        cuda_graph=False if args.no_cuda_graph else None, threads=args.threads)
 
 
 def _check_images(paths) -> None:

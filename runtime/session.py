@@ -1,5 +1,7 @@
 """ONNX Runtime sessions for the bundle's graphs: provider choice (never a silent CPU fallback) and session options.
 
+    provider "auto" -> "cuda" when the CUDA provider is present AND usable here, else "cpu" (`resolve_provider`:
+                       the one rule for the API, the CLI and export's --target)
     provider "cpu"  -> CPUExecutionProvider
     provider "cuda" -> CUDAExecutionProvider (onnxruntime-gpu); optionally with CUDA graphs enabled
                        (the provider option `enable_cuda_graph`; runs then pick a graph with the run
@@ -7,7 +9,9 @@
 """
 from __future__ import annotations
 
+import logging
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +20,68 @@ import onnxruntime as ort
 from .errors import BundleError, ProviderError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 GPU_GRAPH_ID = "gpu_graph_id"  # run config key: which captured CUDA graph a run uses (-1: none)
+log = logging.getLogger("phi3v_edge")
+
+
+def resolve_provider(provider: str = "auto") -> str:
+    """'auto' -> 'cuda' when this onnxruntime has the CUDA provider and it initialises on this machine (a
+    one-node probe session), else 'cpu'; the choice is logged. 'cuda' / 'cpu' are checked by `check_provider`
+    and returned as they are: an explicit 'cuda' that cannot work raises ProviderError, never a CPU fallback."""
+    if provider == "auto":
+        chosen = "cuda" if cuda_usable() else "cpu"
+        log.info("provider auto -> %s (%s)", chosen, "CUDA provider usable" if chosen == "cuda" else
+                 "no usable CUDA provider in onnxruntime " + ort.__version__)
+        return chosen
+    check_provider(provider)
+    return provider
+
+
+@lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """Whether ONNX Runtime's CUDA provider is present and actually initialises (probed once per process)."""
+    if PROVIDERS["cuda"] not in ort.get_available_providers():
+        return False
+    _preload_cuda_libraries()
+    so = session_options()
+    so.log_severity_level = 4  # the probe's fallback warning is expected on machines without a GPU
+    try:
+        sess = ort.InferenceSession(_probe_model(), sess_options=so,
+                                    providers=[PROVIDERS["cuda"], PROVIDERS["cpu"]])
+    except Exception:
+        return False
+    return sess.get_providers()[0] == PROVIDERS["cuda"]
+
+
+def _probe_model() -> bytes:
+    """A serialized ONNX model with one Identity node (float [1] -> [1]), written without the onnx package."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out += bytes([b | (0x80 if n else 0)])
+            if not n:
+                return out
+
+    def field(num: int, payload: bytes | int) -> bytes:
+        if isinstance(payload, int):
+            return varint(num << 3) + varint(payload)  # wire type 0
+        return varint(num << 3 | 2) + varint(len(payload)) + payload  # wire type 2
+
+    def value_info(name: str) -> bytes:  # float tensor of shape [1]
+        shape = field(2, field(1, field(1, 1)))  # TensorShapeProto{dim{dim_value 1}}
+        return field(1, name.encode()) + field(2, field(1, field(1, 1) + shape))
+
+    node = field(1, b"x") + field(2, b"y") + field(4, b"Identity")
+    graph = field(1, node) + field(2, b"probe") + field(11, value_info("x")) + field(12, value_info("y"))
+    return field(1, 8) + field(7, graph) + field(8, field(2, 13))  # ir_version 8, graph, opset 13
 
 
 def check_provider(provider: str) -> str:
     """'cpu' | 'cuda' -> the ONNX Runtime provider name; ProviderError if this onnxruntime lacks it."""
     if provider not in PROVIDERS:
-        raise ProviderError(f"provider {provider!r} is not supported: use 'cuda' or 'cpu'")
+        raise ProviderError(f"provider {provider!r} is not supported: use 'auto', 'cuda' or 'cpu'")
     name = PROVIDERS[provider]
     available = ort.get_available_providers()
     if name not in available:
@@ -56,8 +115,9 @@ def device_of(provider: str) -> str:
 def session_options(threads: int | None = None, log_level: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
+    from .threads import default_threads  # threads, else $PHI3V_EDGE_THREADS, else physical cores
+
+    so.intra_op_num_threads = default_threads(threads)
     # errors only unless PHI3V_EDGE_ORT_LOG says otherwise (0 verbose .. 4 fatal)
     so.log_severity_level = int(os.environ.get("PHI3V_EDGE_ORT_LOG", 3 if log_level is None else log_level))
     return so
