@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from .vision_graph import build_vision, int8_block_size
 BLOCK_SIZES = (32, 64, 128)
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits accuracy_level: 0 = fp32 activations, 4 = int8 activations (CPU kernels)
 REQUIRED_SIDE_FILES = ("tokenizer.json", "preprocessor_config.json")
+TARGETS = ("auto", "cuda", "cpu")
+log = logging.getLogger("phi3v_edge")
 
 
 class ExportError(ValueError):
@@ -48,8 +51,24 @@ def cpu_defaults(precision: str, target: str, vision_precision: str | None,
     return vision_precision, accuracy_level
 
 
+def resolve_target(target: str) -> str:
+    """'auto' -> the provider the runtime would pick on this machine (runtime.session.resolve_provider): 'cuda'
+    when onnxruntime's CUDA provider is usable here, else 'cpu' (also without onnxruntime). 'cuda' and 'cpu'
+    are returned as they are: exporting for a GPU machine needs no GPU."""
+    if target != "auto":
+        return target
+    try:
+        from phi3v_edge.runtime.session import resolve_provider
+    except ImportError:  # onnxruntime is not installed: nothing here could run a CUDA bundle
+        chosen = "cpu"
+    else:
+        chosen = resolve_provider("auto")
+    log.info("export target auto -> %s", chosen)
+    return chosen
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *,
-                  target: str = "cuda", vision_precision: str | None = None, block_size: int = 32,
+                  target: str = "auto", vision_precision: str | None = None, block_size: int = 32,
                   accuracy_level: int | None = None,
                   symmetric: bool = True, lm_head_precision: str | None = None,
                   embedding_precision: str | None = None, all_logits: bool = False, force: bool = False,
@@ -57,13 +76,15 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     """Export `checkpoint` (directory or HF repo id) to a bundle at `out_dir`; returns its path.
 
     precision: decoder weights (fp32/fp16 keep float MatMul; int8/int4 use MatMulNBits).
-    target: "cuda" (fp16 activations) or "cpu" (fp32 activations); fp32 precision is fp32 everywhere.
+    target: "cuda" (fp16 activations) or "cpu" (fp32 activations); fp32 precision is fp32 everywhere;
+        "auto" (default): cuda when onnxruntime's CUDA provider is usable on this machine, else cpu.
     vision_precision: default fp16 on CUDA, int8 on CPU for int4/int8 decoders, else fp32 (and for fp32).
     accuracy_level: MatMulNBits accuracy_level of both graphs (0 or 4); default 4 for CPU int4/int8, else 0."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if target not in ("cuda", "cpu"):
-        raise ExportError(f"target {target!r}: choose 'cuda' or 'cpu'")
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r}: choose 'auto', 'cuda' or 'cpu'")
+    target = resolve_target(target)
     if block_size not in BLOCK_SIZES:
         raise ExportError(f"block size {block_size} is not supported; choose one of {BLOCK_SIZES}")
     vision_precision, accuracy_level = cpu_defaults(precision, target, vision_precision, accuracy_level)

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from .bundle import ACCURACY_LEVELS, BLOCK_SIZES, PRECISIONS, VISION_PRECISIONS
+from .bundle import ACCURACY_LEVELS, BLOCK_SIZES, PRECISIONS, TARGETS, VISION_PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--precision", default="int4", choices=PRECISIONS,
                    help="decoder weights (default int4); fp32/fp16 keep float weights for parity work")
-    p.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
-                   help="activation dtype: fp16 for cuda (default), fp32 for cpu")
+    p.add_argument("--target", default="auto", choices=TARGETS,
+                   help="activation dtype: fp16 for cuda, fp32 for cpu; default auto = cuda when onnxruntime's "
+                        "CUDA provider is usable on this machine, else cpu (the choice is printed)")
     p.add_argument("--vision-precision", choices=VISION_PRECISIONS, default=None,
                    help="vision encoder weights (default fp16 for cuda; for cpu int8 with an int4/int8 decoder, "
                         "else fp32)")
@@ -66,12 +67,16 @@ def main(argv=None) -> int:
     from phi3v_edge.models.checkpoint import CheckpointError
     from phi3v_edge.models.config import ConfigError
 
-    from .bundle import ExportError, export_bundle
+    from .bundle import ExportError, export_bundle, resolve_target
 
     bar = _Progress(not args.quiet)
     t0 = time.perf_counter()
+    target = resolve_target(args.target)
+    if args.target == "auto":
+        print(f"target {target} (auto: " + ("onnxruntime's CUDA provider is usable here)" if target == "cuda" else
+              "no usable CUDA provider here; pass --target cuda to export for a GPU machine)"), file=sys.stderr)
     try:
-        out = export_bundle(args.checkpoint, args.out, args.precision, target=args.target,
+        out = export_bundle(args.checkpoint, args.out, args.precision, target=target,
                             vision_precision=args.vision_precision, block_size=args.block_size,
                             accuracy_level=args.accuracy_level,
                             symmetric=not args.asymmetric, lm_head_precision=args.lm_head_precision,
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
         return 130
     bar.close()
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"wrote {out} ({size / 1e9:.3f} GB) in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {out} ({size / 1e9:.3f} GB, target {target}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

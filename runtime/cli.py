@@ -75,7 +75,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's stop tokens")
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="execution provider; auto = cuda when onnxruntime has the CUDA provider, else cpu")
+                   help="execution provider (default auto: cuda when onnxruntime's CUDA provider is present and "
+                        "usable here, else cpu; an explicit cuda fails clearly instead of falling back)")
     p.add_argument("--max-length", type=int, default=4096, metavar="L", help="KV cache length (default 4096)")
     p.add_argument("--long-rope", choices=("auto", "always"), default="auto",
                    help="LongRoPE factors: short up to 4096 tokens then recompute (auto), or long from the start")
@@ -141,12 +142,9 @@ def _sampling(args) -> dict:
 
 def _runtime(args):
     from .engine import Phi3VRuntime
+    from .session import resolve_provider
 
-    provider = args.provider
-    if provider == "auto":
-        import onnxruntime as ort
-
-        provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    provider = resolve_provider(args.provider)  # the one rule: auto -> cuda when usable, else cpu
     return Phi3VRuntime(args.bundle, provider=provider, max_length=args.max_length, long_rope=args.long_rope,
                         cuda_graph=False if args.no_cuda_graph else None, threads=args.threads)
 
@@ -172,7 +170,8 @@ def cmd_generate(args) -> int:
     if args.json:
         r = rt.generate(prompt, images, **kw)
         print(json.dumps({"token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason,
-                          "prompt_tokens": r.prompt_tokens, "timings": r.timings}, ensure_ascii=False))
+                          "prompt_tokens": r.prompt_tokens, "provider": rt.provider, "timings": r.timings},
+                         ensure_ascii=False))
         return 0
     stream = rt.stream(prompt, images, **kw)
     for delta in stream:
@@ -180,17 +179,17 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    _print_stats(rt.last_result)
+    _print_stats(rt.last_result, rt.provider)
     return 0
 
 
-def _print_stats(r) -> None:
+def _print_stats(r, provider: str) -> None:
     if r is None:
         return
     t = r.timings
     print(f"[{len(r.token_ids)} tokens, finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens; "
           f"preprocess {t['preprocess']:.3f}s vision {t['vision']:.3f}s prefill {t['prefill']:.3f}s "
-          f"decode {t['decode']:.3f}s = {t['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+          f"decode {t['decode']:.3f}s = {t['tokens_per_s']:.1f} tokens/s; provider {provider}]", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:
@@ -248,7 +247,7 @@ def cmd_chat(args) -> int:
         pending = []
         turns += [msg, {"role": "assistant", "content": rt.last_result.text}]
         if interactive:
-            _print_stats(rt.last_result)
+            _print_stats(rt.last_result, rt.provider)
     return 0
 
 

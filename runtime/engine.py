@@ -34,7 +34,7 @@ from .image_transform import DEFAULT_MAX_PIXELS, check_num_crops, preprocess_ima
 from .processor import Phi3VProcessor, check_placeholders, image_list
 from .rope import needs_long
 from .sampler import Sampler, SamplingParams
-from .session import check_provider
+from .session import resolve_provider
 from .tokenizer import StreamDecoder
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -70,17 +70,18 @@ class _Prepared:
 class Phi3VRuntime:
     """Load a bundle and generate.
 
-    provider: "cuda" (onnxruntime-gpu; decode steps replay a CUDA graph unless cuda_graph=False) or "cpu".
+    provider: "auto" (default: cuda when usable, else cpu; `self.provider` says which), "cuda" (onnxruntime-gpu;
+              decode steps replay a CUDA graph unless cuda_graph=False) or "cpu".
     max_length: KV cache rows (prompt + generated tokens), allocated once.
     long_rope: "auto" (short factors up to original_max_position_embeddings, one recompute at the crossing)
                or "always" (long factors from the first token, never a recompute).
     """
 
-    def __init__(self, bundle_dir: str | os.PathLike, provider: str = "cuda", max_length: int = 4096,
+    def __init__(self, bundle_dir: str | os.PathLike, provider: str = "auto", max_length: int = 4096,
                  long_rope: str = "auto", *, device_id: int = 0, cuda_graph: bool | None = None,
                  threads: int | None = None, verify: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.bundle_dir = Path(bundle_dir)
-        check_provider(provider)  # before any file work: "cuda" without CUDA fails right here
+        provider = resolve_provider(provider)  # before any file work: "cuda" without CUDA fails right here
         if long_rope not in ("auto", "always"):
             raise ValueError(f"long_rope must be 'auto' or 'always', got {long_rope!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:

@@ -104,3 +104,16 @@ def test_verify_catches_a_flipped_byte(tiny_checkpoint, tmp_path):
     fmt.load_manifest(out)  # same size: the cheap load check passes
     problems = fmt.verify_bundle(out)
     assert len(problems) == 1 and problems[0].startswith("decoder.onnx.data")
+
+
+def test_export_target_defaults_to_auto(tiny_checkpoint, tmp_path, capsys):
+    from phi3v_edge.runtime.session import resolve_provider
+
+    want = resolve_provider("auto")
+    assert exp.resolve_target("auto") == want and exp.resolve_target("cuda") == "cuda"
+    out = tmp_path / "auto"
+    assert export_main([str(tiny_checkpoint), "--out", str(out), "--precision", "fp16", "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert f"target {want} (auto:" in cap.err and f"target {want})" in cap.out
+    # fp16 weights: float16 activations only for a cuda target (the old default was cuda on any machine)
+    assert fmt.load_manifest(out)["decoder"]["io_dtype"] == ("float16" if want == "cuda" else "float32")

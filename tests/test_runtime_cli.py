@@ -182,3 +182,13 @@ def test_console_script_subprocess(tiny_bundle, expected):
     p = subprocess.run(cmd + ["generate", "/nonexistent-bundle", "--prompt", "x", "--provider", "cpu"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+
+
+def test_generate_reports_the_provider_auto_picked(tiny_bundle, capsys):
+    from phi3v_edge.runtime.session import resolve_provider
+
+    rc, out, err = run(["generate", str(tiny_bundle), "--prompt", "Hi", "--max-new-tokens", "2", "--ignore-eos",
+                        "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["provider"] == resolve_provider("auto")
+

@@ -44,3 +44,43 @@ def test_bad_numpy_image_is_an_input_error_and_the_runtime_goes_on(rt, arr, bad,
     with pytest.raises(InputError, match=words):
         rt.generate(PROMPT, images=bad, max_new_tokens=2)
     assert len(rt.generate(PROMPT, images=arr, max_new_tokens=2, stop_ids=()).token_ids) == 2
+
+
+# ---- provider "auto": one rule for the API, the CLI and export (issue 16 item 8) ----------------------------
+
+
+def _cuda_really_usable() -> bool:
+    from phi3v_edge.runtime import session
+
+    session.cuda_usable.cache_clear()
+    return session.cuda_usable()
+
+
+def test_auto_is_cpu_without_a_usable_cuda_provider(monkeypatch):
+    import onnxruntime as ort
+
+    from phi3v_edge.runtime import session
+    from phi3v_edge.runtime.errors import ProviderError
+
+    if _cuda_really_usable():
+        assert session.resolve_provider("auto") == "cuda"
+        return
+    assert session.resolve_provider("auto") == "cpu" and session.resolve_provider("cpu") == "cpu"
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider"):
+        session.resolve_provider("cuda")  # explicit cuda: a clear error, never a silent fallback
+    with pytest.raises(ProviderError, match="'auto', 'cuda' or 'cpu'"):
+        session.resolve_provider("tpu")
+    # listed but not usable (the old CLI rule looked at the list only): the probe session finds out
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider"] + real)
+    session.cuda_usable.cache_clear()
+    try:
+        assert session.resolve_provider("auto") == "cpu"
+    finally:
+        session.cuda_usable.cache_clear()
+
+
+def test_runtime_defaults_to_auto(tiny_bundle):
+    rt = Phi3VRuntime(tiny_bundle, max_length=256)  # used to default to "cuda" and fail on a CPU-only machine
+    assert rt.provider == ("cuda" if _cuda_really_usable() else "cpu")
+    assert len(rt.generate("<|user|>\nHi<|end|>\n<|assistant|>\n", max_new_tokens=2, stop_ids=()).token_ids) == 2
