@@ -183,13 +183,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+MIN_RATE_STEPS = 8  # a decode rate from fewer steps is mostly timer noise: not printed
+
+
+def decode_rate(timings: dict) -> str:
+    """The stats line's decode rate: 'N.N tokens/s', or 'n/a (<8 steps)' when too few decode steps ran."""
+    steps = int(timings.get("decode_steps", 0))
+    if steps < MIN_RATE_STEPS:
+        return f"n/a (<{MIN_RATE_STEPS} steps)"
+    return f"{timings['tokens_per_s']:.1f} tokens/s"
+
+
 def _print_stats(r, provider: str) -> None:
     if r is None:
         return
     t = r.timings
     print(f"[{len(r.token_ids)} tokens, finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens; "
           f"preprocess {t['preprocess']:.3f}s vision {t['vision']:.3f}s prefill {t['prefill']:.3f}s "
-          f"decode {t['decode']:.3f}s = {t['tokens_per_s']:.1f} tokens/s; provider {provider}]", file=sys.stderr)
+          f"decode {t['decode']:.3f}s = {decode_rate(t)}; provider {provider}]", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:

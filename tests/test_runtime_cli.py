@@ -192,3 +192,14 @@ def test_generate_reports_the_provider_auto_picked(tiny_bundle, capsys):
     assert rc == 0, err
     assert json.loads(out)["provider"] == resolve_provider("auto")
 
+
+def test_stats_line_has_no_rate_from_too_few_steps(tiny_bundle, capsys):
+    from phi3v_edge.runtime.cli import MIN_RATE_STEPS, decode_rate
+
+    assert decode_rate({"decode_steps": 1, "tokens_per_s": 736.5}) == f"n/a (<{MIN_RATE_STEPS} steps)"
+    assert decode_rate({"decode_steps": MIN_RATE_STEPS, "tokens_per_s": 12.345}) == "12.3 tokens/s"
+    rc, out, err = run(["generate", str(tiny_bundle), "--prompt", "Hi", "--max-new-tokens", "2", "--ignore-eos",
+                        "--provider", "cpu"], capsys)
+    assert rc == 0, err
+    assert "2 tokens" in err and f"n/a (<{MIN_RATE_STEPS} steps)" in err and "tokens/s" not in err
+    assert "provider cpu" in err
