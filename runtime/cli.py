@@ -231,8 +231,10 @@ def cmd_chat(args) -> int:
             path = line[len("/image"):].strip()
             if not path:
                 print("error: /image needs a path", file=sys.stderr)
-            elif not os.path.isfile(os.path.expanduser(path)):
-                print(f"error: cannot read image {path!r}: no such file", file=sys.stderr)
+                continue
+            problem = _unreadable_image(os.path.expanduser(path), rt)
+            if problem:  # the conversation and the pending images stay as they were
+                print(f"error: {problem}: the image was not added", file=sys.stderr)
             else:
                 pending.append(os.path.expanduser(path))
                 print(f"(image {path} attached to your next message)", file=sys.stderr)
@@ -254,12 +256,26 @@ def cmd_chat(args) -> int:
             print(f"\nerror: {e}", file=sys.stderr)
             if "max_length" in str(e):
                 print("(the conversation is too long: /reset to start over)", file=sys.stderr)
+            elif pending and "image" in str(e):  # an attached file changed since /image: drop them all
+                pending = []
+                print("(the attached images were dropped: /image PATH to attach again)", file=sys.stderr)
             continue
         pending = []
         turns += [msg, {"role": "assistant", "content": rt.last_result.text}]
         if interactive:
             _print_stats(rt.last_result, rt.provider)
     return 0
+
+
+def _unreadable_image(path: str, rt) -> str | None:
+    """Why the image at `path` cannot be used (decoded as the request would), or None when it can."""
+    from .image_transform import DEFAULT_MAX_PIXELS, load_image
+
+    try:
+        load_image(path, getattr(getattr(rt, "processor", None), "max_pixels", DEFAULT_MAX_PIXELS))
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
 
 
 def cmd_verify(args) -> int:

@@ -203,3 +203,22 @@ def test_stats_line_has_no_rate_from_too_few_steps(tiny_bundle, capsys):
     assert rc == 0, err
     assert "2 tokens" in err and f"n/a (<{MIN_RATE_STEPS} steps)" in err and "tokens/s" not in err
     assert "provider cpu" in err
+
+
+def test_chat_failed_attach_leaves_the_conversation_as_it_was(tiny_bundle, image_path, tmp_path, monkeypatch,
+                                                              capsys):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    script = "\n".join([f"/image {corrupt}", "Hello there", f"/image {image_path}", "What is this?"]) + "\n"
+    rc, out, err = run(["chat", str(tiny_bundle), "--max-new-tokens", "6", "--ignore-eos", "--provider", "cpu"],
+                       capsys, stdin=script, monkeypatch=monkeypatch)
+    assert rc == 0, err
+    assert "cannot read image" in err and "the image was not added" in err
+    assert err.count("error:") == 1  # the later turns work (they used to fail with the same error each time)
+    rt = Phi3VRuntime(tiny_bundle, provider="cpu", max_length=4096)
+    t1 = [{"role": "user", "content": "Hello there"}]
+    r1 = rt.chat(t1, max_new_tokens=6, stop_ids=())
+    r2 = rt.chat(t1 + [{"role": "assistant", "content": r1.text},
+                       {"role": "user", "content": "What is this?", "images": [image_path]}],
+                 max_new_tokens=6, stop_ids=())
+    assert out == f"{r1.text}\n{r2.text}\n"
