@@ -20,6 +20,7 @@ DISPATCH = {
     "export": ("phi3v_edge.export.cli", "convert a Phi-3.5-vision checkpoint into an ONNX bundle (needs torch)"),
     "demo": ("phi3v_edge.models.demo", "offline demo: the bundled small model answers questions about images"),
     "bench": ("phi3v_edge.benchmarks.suite", "speed / memory / accuracy benchmarks"),
+    "serve": ("phi3v_edge.runtime.server.cli", "OpenAI-compatible HTTP server over the batching engine"),
 }
 EXIT_ERROR = 2
 
