@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
+
+# <|image_k|> placeholders: the prompt is split at IMAGE_PATTERN; IMAGE_NUMBER captures k
+IMAGE_PATTERN = re.compile(r"<\|image_\d+\|>")
+IMAGE_NUMBER = re.compile(r"<\|image_(\d+)\|>")
 
 
 def image_tag(k: int) -> str:
@@ -17,7 +22,9 @@ def build_prompt(
 
     Each message is {"role": str, "content": str, "images": [...] (optional)} and renders as
     ``<|{role}|>\\n{content}<|end|>\\n``; images are numbered across the whole conversation in order
-    and each one is written as ``<|image_k|>\\n`` before its message's text. ``<|assistant|>\\n`` is
+    and each one is written as ``<|image_k|>\\n`` before its message's text, unless the text already holds
+    the placeholders of its images (then it is used as written; they must be exactly that message's
+    <|image_k|> numbers, in any order). A message without images is rendered as written. ``<|assistant|>\\n`` is
     appended when add_generation_prompt is set and the last message is not the assistant's
     (same as the Jinja template in tokenizer_config.json).
     """
@@ -42,11 +49,27 @@ def build_prompt(
             msg_images = []
         elif not isinstance(msg_images, (list, tuple)):
             msg_images = [msg_images]  # a single image (a numpy array too: one image, not a list of rows)
-        tags = ""
-        for im in msg_images:
-            images.append(im)
-            tags += image_tag(len(images)) + "\n"
+        first = len(images) + 1
+        images.extend(msg_images)
+        tags = "".join(image_tag(k) + "\n" for k in range(first, len(images) + 1))
+        if msg_images and IMAGE_NUMBER.search(content):
+            _check_own_placeholders(i, content, first, len(images))
+            tags = ""  # the user placed them: not added a second time
         parts.append(f"<|{role}|>\n{tags}{content}<|end|>\n")
     if add_generation_prompt and messages[-1]["role"] != "assistant":
         parts.append("<|assistant|>\n")
     return "".join(parts), images
+
+
+def _check_own_placeholders(i: int, content: str, first: int, last: int) -> None:
+    """ValueError unless the placeholders in message i's text are exactly <|image_first|> .. <|image_last|>."""
+    found = sorted(int(k) for k in IMAGE_NUMBER.findall(content))
+    want = list(range(first, last + 1))
+    if found != want:
+        n = last - first + 1
+        names = ", ".join(image_tag(k) for k in want)
+        raise ValueError(
+            f"message {i} has {n} image{'s' if n != 1 else ''} and its text holds "
+            f"{', '.join(image_tag(k) for k in found)}: images are numbered across the conversation, so write "
+            f"{names} (each once) where {'they go' if n != 1 else 'it goes'}, or leave the placeholders out and "
+            "they are added before the text")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from .chat_template import IMAGE_NUMBER, IMAGE_PATTERN  # the prompt is split at these, as the reference does
 from .errors import InputError
 from .image_transform import (
     ARRAY_FORMS,
@@ -26,9 +26,6 @@ from .image_transform import (
 )
 from .tokenizer import Phi3VTokenizer
 
-# Same pattern as the reference processor: the prompt is split at these.
-IMAGE_PATTERN = re.compile(r"<\|image_\d+\|>")
-_IMAGE_NUMBER = re.compile(r"<\|image_(\d+)\|>")
 
 
 @dataclass
@@ -79,7 +76,7 @@ def _plural(n: int, word: str) -> str:
 def check_placeholders(prompt: str, num_images: int) -> list[int]:
     """Image numbers k of the <|image_k|> placeholders in prompt order; ValueError unless they are
     exactly 1..num_images, each once (any order)."""
-    numbers = [int(m) for m in _IMAGE_NUMBER.findall(prompt)]
+    numbers = [int(m) for m in IMAGE_NUMBER.findall(prompt)]
     if len(numbers) != num_images:
         raise ValueError(
             f"prompt has {_plural(len(numbers), 'image placeholder')} but "

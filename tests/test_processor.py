@@ -577,3 +577,25 @@ def test_image_list_forms():
     for bad, words in [(5, "got int"), ({"a": 1}, "got dict"), ([img, 3.5], "type float \\(image 2\\)")]:
         with pytest.raises(InputError, match=words):
             image_list(bad)
+
+
+def test_build_prompt_keeps_placeholders_the_user_wrote():
+    a, b, c = object(), object(), object()
+    text, images = build_prompt([{"role": "user", "content": "<|image_1|> What color is it?", "images": [a]}])
+    assert text == "<|user|>\n<|image_1|> What color is it?<|end|>\n<|assistant|>\n" and images == [a]
+    text, images = build_prompt([
+        {"role": "user", "content": "x", "images": [a]},
+        {"role": "assistant", "content": "y"},
+        {"role": "user", "content": "Is <|image_3|> bigger than <|image_2|>?", "images": [b, c]},
+    ])
+    assert text.endswith("<|user|>\nIs <|image_3|> bigger than <|image_2|>?<|end|>\n<|assistant|>\n")
+    assert text.count("<|image_") == 3 and images == [a, b, c]
+    for msgs, words in [
+        ([{"role": "user", "content": "x", "images": [a]}, {"role": "user", "content": "<|image_1|> y", "images": [b]}],
+         r"message 1 has 1 image and its text holds <\|image_1\|>.*write <\|image_2\|>"),
+        ([{"role": "user", "content": "<|image_1|> <|image_1|>", "images": [a, b]}],
+         r"write <\|image_1\|>, <\|image_2\|> \(each once\)"),
+        ([{"role": "user", "content": "<|image_1|> and", "images": [a, b]}], "or leave the placeholders out"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            build_prompt(msgs)

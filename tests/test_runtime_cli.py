@@ -222,3 +222,14 @@ def test_chat_failed_attach_leaves_the_conversation_as_it_was(tiny_bundle, image
                        {"role": "user", "content": "What is this?", "images": [image_path]}],
                  max_new_tokens=6, stop_ids=())
     assert out == f"{r1.text}\n{r2.text}\n"
+
+
+def test_generate_with_a_placeholder_in_the_prompt(tiny_bundle, expected, image_path, capsys):
+    """--prompt "<|image_1|> ..." used to fail with "prompt has 2 image placeholders but 1 image was given"."""
+    rc, out, err = run(["generate", str(tiny_bundle), "--prompt", "<|image_1|>\nWhat is this?", "--image", image_path,
+                        "--max-new-tokens", "12", "--provider", "cpu", "--ignore-eos", "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["token_ids"] == expected["image"].token_ids  # same prompt as the added placeholder
+    rc, out, err = run(["generate", str(tiny_bundle), "--prompt", "<|image_2|> What is this?", "--image", image_path,
+                        "--provider", "cpu"], capsys)
+    assert rc == 2 and "write <|image_1|>" in err and "Traceback" not in err
