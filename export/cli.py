@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-precision", choices=("fp32", "fp16", "int8"), default=None,
                    help="token embedding table (default fp16; fp32 for the fp32 precision)")
     p.add_argument("--all-logits", action="store_true", help="output logits of every position (tests); default last only")
+    p.add_argument("--format", default="bundle", choices=("bundle", "genai"),
+                   help="bundle (default): phi3v-edge's runtime bundle; genai: an onnxruntime-genai package "
+                        "(genai_config.json, vision/embedding/text graphs) for its C, C++, C#, Java and Python APIs")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="genai only: search.max_length in genai_config.json, the KV length onnxruntime-genai "
+                        "allocates (default 4096; hosts can raise it up to max_position_embeddings)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -76,12 +82,19 @@ def main(argv=None) -> int:
         print(f"target {target} (auto: " + ("onnxruntime's CUDA provider is usable here)" if target == "cuda" else
               "no usable CUDA provider here; pass --target cuda to export for a GPU machine)"), file=sys.stderr)
     try:
-        out = export_bundle(args.checkpoint, args.out, args.precision, target=target,
+        export, extra = export_bundle, {}
+        if args.format == "genai":
+            from .genai import DEFAULT_MAX_LENGTH, export_genai as export
+
+            extra = {"max_length": args.max_length or DEFAULT_MAX_LENGTH}
+        elif args.max_length is not None:
+            raise ExportError("--max-length is for --format genai (a bundle's runtime takes max_length when loading)")
+        out = export(args.checkpoint, args.out, args.precision, target=target,
                             vision_precision=args.vision_precision, block_size=args.block_size,
                             accuracy_level=args.accuracy_level,
                             symmetric=not args.asymmetric, lm_head_precision=args.lm_head_precision,
                             embedding_precision=args.embedding_precision, all_logits=args.all_logits,
-                            force=args.force, progress=bar)
+                            force=args.force, progress=bar, **extra)
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:
         bar.close()
         print(f"error: {e}", file=sys.stderr)

@@ -28,8 +28,8 @@ from phi3v_edge.models.checkpoint import CheckpointReader, resolve_checkpoint
 from phi3v_edge.models.config import Phi3VConfig
 
 from . import genai_graphs as gg
-from .bundle import (ACCURACY_LEVELS, BLOCK_SIZES, ExportError, _check_keys, _copy_side_files, cpu_defaults,
-                     default_io_dtype)
+from .bundle import (ACCURACY_LEVELS, BLOCK_SIZES, TARGETS, ExportError, _check_keys, _copy_side_files,
+                     cpu_defaults, default_io_dtype, resolve_target)
 from .decoder_graph import resolve_options
 from .graph_builder import PRECISIONS
 from .vision_graph import PRECISIONS as VISION_PRECISIONS
@@ -42,19 +42,24 @@ MODEL_TYPE = "phi3v"
 DEFAULT_MAX_LENGTH = 4096  # search.max_length: the KV buffers onnxruntime-genai allocates (hosts may raise it)
 
 
-def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *, target: str = "cuda",
+def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *, target: str = "auto",
                  vision_precision: str | None = None, block_size: int = 32, accuracy_level: int | None = None,
                  symmetric: bool = True, lm_head_precision: str | None = None,
                  embedding_precision: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, force: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> Path:
+                 all_logits: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Export `checkpoint` to an onnxruntime-genai package at `out_dir`; returns its path. The options are
     export_bundle's (precision, target, vision_precision, block_size, accuracy_level, symmetric, lm_head and
     embedding precision); max_length is genai_config's search.max_length (the rotary tables cover the
-    model's whole context, max_position_embeddings)."""
+    model's whole context, max_position_embeddings). The vision graph's pixel_values and image_features use
+    the text graph's activation dtype (onnxruntime-genai hands the vision output buffer to the embedding)."""
+    if all_logits:
+        raise ExportError("--all-logits is for bundles: the genai text graph returns the last position's logits "
+                          "(onnxruntime-genai keeps only those)")
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if target not in ("cuda", "cpu"):
-        raise ExportError(f"target {target!r}: choose 'cuda' or 'cpu'")
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
+    target = resolve_target(target)
     if block_size not in BLOCK_SIZES:
         raise ExportError(f"block size {block_size} is not supported; choose one of {BLOCK_SIZES}")
     vision_precision, accuracy_level = cpu_defaults(precision, target, vision_precision, accuracy_level)

