@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("bundle", help="bundle directory (from `phi3v-edge export`)")
     g.add_argument("--prompt", required=True, help="the user's message")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file (repeatable, in order)")
+    from .video import add_video_args  # --video / --frames / --fps (PyAV is imported only for a clip)
+
+    add_video_args(g)
     g.add_argument("--system", default=None, help="optional system message")
     _add_generation_args(g)
     g.add_argument("--json", action="store_true",
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "attaches an image to your next message, /reset starts over, /quit leaves.")
     c.add_argument("bundle", help="bundle directory (from `phi3v-edge export`)")
     c.add_argument("--system", default=None, help="optional system message")
+    add_video_args(c, with_video=False)  # how /video samples a clip
     _add_generation_args(c)
 
     v = sub.add_parser("verify", help="check every bundle file against the sha256 in its manifest",
@@ -168,10 +172,17 @@ def cmd_generate(args) -> int:
 
     prompt, images = build_prompt(_messages(args.system, [{"role": "user", "content": args.prompt,
                                                            "images": list(args.image)}]))
+    clip = None
+    if args.video:  # the clip's frames follow the --image files: budget check, then decoding
+        from .video import cli_video_request
+
+        clip = cli_video_request(rt, args, images)
+        prompt, images = clip.prompt, clip.images
     if args.json:
         r = rt.generate(prompt, images, **kw)
         print(json.dumps({"token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason,
-                          "prompt_tokens": r.prompt_tokens, "provider": rt.provider, "timings": r.timings},
+                          "prompt_tokens": r.prompt_tokens, "provider": rt.provider, "timings": r.timings,
+                          **_video_json(clip)},
                          ensure_ascii=False))
         return 0
     stream = rt.stream(prompt, images, **kw)
@@ -193,6 +204,12 @@ def decode_rate(timings: dict) -> str:
     if steps < MIN_RATE_STEPS:
         return f"n/a (<{MIN_RATE_STEPS} steps)"
     return f"{timings['tokens_per_s']:.1f} tokens/s"
+
+
+def _video_json(clip) -> dict:
+    from .video import timestamps_json
+
+    return {"video": timestamps_json(clip)} if clip is not None else {}
 
 
 def _print_stats(r, provider: str) -> None:
@@ -227,6 +244,11 @@ def cmd_chat(args) -> int:
             turns, pending = [], []
             rt.reset()
             print("(conversation reset)", file=sys.stderr)
+            continue
+        if line.startswith("/video"):  # the clip's sampled frames, attached to the next message
+            from .video import chat_video
+
+            pending += chat_video(rt, line[len("/video"):], args)
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
