@@ -82,8 +82,9 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def load_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    """Read manifest.json and run the cheap checks done at every load: format name and version, every
-    listed file present with its recorded size. (`verify_bundle` adds the sha256 of every file.)"""
+    """Read manifest.json and run the cheap checks done at every load: format name and version, the schema of
+    every field the runtime reads (`check_manifest`), every listed file present with its recorded size.
+    (`verify_bundle` adds the sha256 of every file.) Any problem is a BundleError naming the field and the file."""
     d = Path(bundle_dir)
     if not d.is_dir():
         raise BundleError(f"bundle directory {d} does not exist")
@@ -97,20 +98,106 @@ def load_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise BundleError(f"{mp} is not a {FORMAT_NAME} manifest")
     ver = m.get("format_version")
+    if "format_version" not in m:
+        raise BundleError(f"{mp}: field 'format_version' is missing (this phi3v-edge reads version {FORMAT_VERSION})")
+    if isinstance(ver, bool) or not isinstance(ver, int):
+        raise BundleError(f"{mp}: field 'format_version' must be an integer, got {type(ver).__name__} {ver!r} "
+                          f"(this phi3v-edge reads version {FORMAT_VERSION}; a hand-edited manifest? re-export it)")
     if ver != FORMAT_VERSION:
         raise BundleError(f"bundle {d} has format version {ver}; this phi3v-edge reads version {FORMAT_VERSION} "
                           "(re-export it with this version's `phi3v-edge export`)")
-    for name, info in m.get("files", {}).items():
+    check_manifest(m, mp)
+    for name, info in m["files"].items():
         p = d / name
         if not p.is_file():
             raise BundleError(f"bundle {d} is missing {name}")
         size = p.stat().st_size
         if size != info["bytes"]:
             raise BundleError(f"bundle file {name} has {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
-    for key in ("decoder", "rope", "tokens"):
-        if key not in m:
-            raise BundleError(f"{mp} lacks the '{key}' section")
     return m
+
+
+# ---- manifest schema: the fields the runtime reads, with their types -------------------------------------
+_KINDS = {"int": "an integer", "number": "a number", "str": "a string", "dict": "an object", "list": "a list",
+          "bool": "true or false"}
+
+
+def _is(v, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, {"str": str, "dict": dict, "list": list, "bool": bool}[kind])
+
+
+def _field(section: dict, key: str, kind: str, where: str, mp, *, required: bool = True, nullable: bool = False):
+    """section[key], checked: BundleError naming `where.key` and the manifest file when missing or mistyped."""
+    name = f"{where}.{key}" if where else key
+    if key not in section:
+        if required:
+            raise BundleError(f"{mp}: field '{name}' is missing (a damaged or hand-edited manifest? re-export the bundle)")
+        return None
+    v = section[key]
+    if v is None and nullable:
+        return None
+    if not _is(v, kind):
+        raise BundleError(f"{mp}: field '{name}' must be {_KINDS[kind]}{' or null' if nullable else ''}, "
+                          f"got {type(v).__name__} {v!r:.60}")
+    return v
+
+
+def check_manifest(m: dict[str, Any], mp: str | Path = MANIFEST) -> None:
+    """The manifest's schema (the fields the runtime reads): BundleError naming the first bad field and the file."""
+    files = _field(m, "files", "dict", "", mp)
+    for name, info in files.items():
+        where = f"files.{name}"
+        if not isinstance(info, dict):
+            raise BundleError(f"{mp}: field '{where}' must be an object with 'bytes' and 'sha256', got {info!r:.60}")
+        if _field(info, "bytes", "int", where, mp) < 0:
+            raise BundleError(f"{mp}: field '{where}.bytes' must be >= 0, got {info['bytes']}")
+        digest = _field(info, "sha256", "str", where, mp)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BundleError(f"{mp}: field '{where}.sha256' must be 64 lowercase hex digits, got {digest!r:.70}")
+    dec = _field(m, "decoder", "dict", "", mp)
+    _field(dec, "all_logits", "bool", "decoder", mp, required=False)
+    _field(m, "vision", "dict", "", mp, required=False)
+    rope = _field(m, "rope", "dict", "", mp)
+    rtype = _field(rope, "type", "str", "rope", mp, nullable=True)
+    _field(rope, "theta", "number", "rope", mp)
+    orig = _field(rope, "original_max_position_embeddings", "int", "rope", mp)
+    full = _field(rope, "max_position_embeddings", "int", "rope", mp)
+    if orig <= 0 or full <= 0:
+        raise BundleError(f"{mp}: fields 'rope.original_max_position_embeddings' ({orig}) and "
+                          f"'rope.max_position_embeddings' ({full}) must be positive")
+    if rtype:
+        lengths = set()
+        for key in ("short_factor", "long_factor"):
+            vals = _field(rope, key, "list", "rope", mp)
+            if not vals or not all(_is(v, "number") for v in vals):
+                raise BundleError(f"{mp}: field 'rope.{key}' must be a non-empty list of numbers")
+            lengths.add(len(vals))
+        if len(lengths) != 1:
+            raise BundleError(f"{mp}: fields 'rope.short_factor' and 'rope.long_factor' differ in length")
+    factor = _field(rope, "attention_factor", "number", "rope", mp, required=False)
+    if factor is not None:  # read back: it must be the factor the runtime's tables use
+        from .model_facts import rope_attention_factor
+
+        want = rope_attention_factor(full, orig) if rtype else 1.0
+        if abs(factor - want) > 1e-6 * max(1.0, abs(want)):
+            raise BundleError(f"{mp}: field 'rope.attention_factor' is {factor}, but max_position_embeddings {full} "
+                              f"and original_max_position_embeddings {orig} give {want}")
+    tokens = _field(m, "tokens", "dict", "", mp)
+    stop = _field(tokens, "stop_ids", "list", "tokens", mp, required=False)
+    if stop is not None and not all(_is(i, "int") and i >= 0 for i in stop):
+        raise BundleError(f"{mp}: field 'tokens.stop_ids' must be a list of token ids (integers >= 0), got {stop!r:.60}")
+    proc = _field(m, "processor", "dict", "", mp, required=False) or {}
+    crop = _field(proc, "crop_size", "int", "processor", mp, required=False)
+    if crop is not None:  # read back: the image pipeline is built for this one crop size
+        from .model_facts import CROP_SIZE
+
+        if crop != CROP_SIZE:
+            raise BundleError(f"{mp}: field 'processor.crop_size' is {crop}; this phi3v-edge supports {CROP_SIZE} "
+                              "(CLIP ViT-L/14-336) only")
 
 
 def verify_bundle(bundle_dir: str | Path, progress=None) -> list[str]:
