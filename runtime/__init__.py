@@ -7,12 +7,20 @@
 from .bundle import BundleError
 from .errors import InputError, ProviderError, RequestCancelled
 
-__all__ = ["Phi3VRuntime", "GenerationResult", "BundleError", "InputError", "ProviderError", "RequestCancelled"]
+__all__ = ["Phi3VRuntime", "Engine", "GenerationResult", "BundleError", "InputError", "ProviderError", "RequestCancelled"]
 
 
 def __getattr__(name):  # the engine pulls in onnxruntime: loaded on first use, so `import phi3v_edge.runtime` stays light
-    if name in ("Phi3VRuntime", "GenerationResult"):
-        from . import engine
+    if name == "Phi3VRuntime":
+        from .api import Phi3VRuntime
 
-        return getattr(engine, name)
+        return Phi3VRuntime
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    if name == "GenerationResult":
+        from .request import GenerationResult
+
+        return GenerationResult
     raise AttributeError(f"module 'phi3v_edge.runtime' has no attribute {name!r}")

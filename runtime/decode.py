@@ -1,21 +1,26 @@
-"""The decoder loop's machinery: prefill and one-token decode steps over IOBinding with preallocated buffers.
+"""The decoder's machinery: `prefill` of one request into its KV slot, and `step`, ONE batched decode step over
+the first b slots (a batch bucket), on IOBinding with buffers allocated once.
 
-Buffers (allocated once per runtime, on the session's device; B = 1, M = max_length):
-    kv cache        [1, kv_heads, M, head_dim] x 2 x layers   past and present bound to the same buffer
-    step_ids        int64 [1, 1]      the decode step's input token (written by the on-device ArgMax)
-    no_features     io    [0, hidden] image_features of a decode step (no image rows)
-    seqlens_k       int32 [1]         total length after the call - 1          (device)
-    total_len       int32 []          total length after the call              (host: GQA reads it on the CPU)
-    cos, sin        io    [M, head_dim/2]  the LongRoPE table in use (short or long, rewritten in place)
-    logits          io    [1, 1, vocab]    last position's logits
+Buffers (allocated once per engine, on the session's device; N = max_batch, M = max_length):
+    kv cache        [N, kv_heads, M, head_dim] x 2 x layers   runtime/kv_cache.py; past and present share it
+    step_ids        int64 [N, 1]      each row's input token of a decode step
+    step_pos        int64 [N, 1]      each row's position_ids (its position, + M under the long LongRoPE factors)
+    seqlens_k       int32 [N]         each row's total length after the step - 1
+    total_len       int32 []          host (GroupQueryAttention reads it on the CPU): the largest total length
+                                      of the rows, or M under CUDA graphs (a replayed graph keeps the captured
+                                      host value, so it is fixed at the capacity; rows' lengths come from the
+                                      device-side seqlens_k)
+    cos, sin        io    [2 M, head_dim/2]  the stacked [short; long] LongRoPE tables, written once
+    logits          io    [N, 1, vocab]      each row's last-position logits
+    no_features     io    [0, hidden]        image_features of a decode step (no image rows)
 
-A decode step writes three small host values into their fixed buffers (token only when it did not come
-from the device ArgMax) and runs the decoder on the one IOBinding that was bound at start-up: no
-allocation, no rebinding, fixed addresses, which is what CUDA graph capture/replay needs. Greedy decoding
-reads back 8 bytes per step (the token, for the stop check and the detokenizer); the logits stay put.
-On CUDA with `cuda_graph=True`, decode steps run with `gpu_graph_id` 1: ONNX Runtime runs the first such
-step normally, captures the graph on the next, and replays it afterwards. Prefill runs with id -1 (no
-graph): its shapes change with every prompt.
+A decode step over bucket b writes the three small per-row host arrays into their fixed buffers and runs the
+decoder on the bucket's IOBinding, bound once (views of rows 0..b-1 by address): no allocation, no rebinding,
+fixed addresses, which is what CUDA graph capture/replay needs. On CUDA with `cuda_graph=True` each bucket has
+its own graph (`gpu_graph_id` = bucket's index + 1): ONNX Runtime captures it on first use and replays it
+afterwards. Prefill runs with id -1 (no graph): its shapes change with every prompt.
+Rows of a bucket that no request owns are fed token 0 at their slot's current length (the write lands past
+the slot's valid rows, so a cached prefix there stays intact).
 """
 from __future__ import annotations
 
@@ -30,15 +35,54 @@ from .kv_cache import KVCache
 from .rope import stacked_tables, table_rows
 from .session import create_session, device_of, numpy_dtype, run_options
 
-DECODE_GRAPH_ID = 1  # the CUDA graph of the decode step (one per runtime: batch 1, one max_length)
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Decode batch sizes with their own binding (and CUDA graph): powers of two below max_batch, and max_batch."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+class _Buffer:
+    """A small fixed device buffer with a host twin: on the CPU they share memory, on CUDA `push` copies."""
+
+    def __init__(self, shape, dtype, device: str, device_id: int):
+        self.host = np.zeros(shape, dtype)
+        if device == "cpu":
+            self.value = ort.OrtValue.ortvalue_from_numpy(self.host)
+        else:
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.host.dtype, device, device_id)
+        self.device, self.device_id, self.dtype = device, device_id, self.host.dtype
+        self.ptr = self.value.data_ptr()
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.host.dtype.itemsize if len(shape) > 1 \
+            else self.host.dtype.itemsize
+
+    def push(self) -> None:
+        if self.device != "cpu":
+            self.value.update_inplace(self.host)
+
+    def bind_input(self, b: ort.IOBinding, name: str, start: int, rows: int) -> None:
+        b.bind_input(name, self.device, self.device_id, self.dtype, [rows, *self.host.shape[1:]],
+                     self.ptr + start * self.row_bytes)
+
+    def bind_output(self, b: ort.IOBinding, name: str, start: int, rows: int) -> None:
+        b.bind_output(name, self.device, self.device_id, self.dtype, [rows, *self.host.shape[1:]],
+                      self.ptr + start * self.row_bytes)
+
+    def rows(self, start: int, rows: int) -> np.ndarray:
+        """Host view (CPU) or copy (CUDA) of rows start..start+rows-1."""
+        if self.device == "cpu":
+            return self.host[start: start + rows]
+        return self.value.numpy()[start: start + rows]
 
 
 class Decoder:
-    """decoder.onnx with its KV cache and step buffers."""
+    """decoder.onnx with its slotted KV cache and step buffers."""
 
-    def __init__(self, path: str | Path, rope: dict, max_length: int, provider: str = "cpu", *,
-                 device_id: int = 0, cuda_graph: bool = False, threads: int | None = None,
-                 all_logits: bool = False):
+    def __init__(self, path: str | Path, rope: dict, max_length: int, provider: str = "cpu", *, max_batch: int = 1,
+                 device_id: int = 0, cuda_graph: bool = False, threads: int | None = None, all_logits: bool = False):
         self.provider, self.device, self.device_id = provider, device_of(provider), device_id
         self.cuda_graph = bool(cuda_graph)
         self.session = create_session(path, provider, device_id=device_id, cuda_graph=cuda_graph, threads=threads,
@@ -56,7 +100,7 @@ class Decoder:
         if isinstance(graph_m, int) and graph_m != max_length:
             raise BundleError(f"decoder.onnx has KV buffers fixed at {graph_m} positions; max_length {max_length} "
                               f"must equal it")
-        self.max_length = int(max_length)
+        self.max_length, self.max_batch = int(max_length), int(max_batch)
         self.kv_dtype = numpy_dtype(kv.type)
         self.io_dtype = numpy_dtype(ins[fmt.IMAGE_FEATURES].type)
         self.hidden = ins[fmt.IMAGE_FEATURES].shape[1]
@@ -69,76 +113,79 @@ class Decoder:
                               "need a fixed last dimension")
         self.all_logits = bool(all_logits)
 
-        dev, did = self.device, self.device_id
-        new = ort.OrtValue.ortvalue_from_shape_and_type
-        self.cache = KVCache(self.num_layers, self.kv_heads, self.head_dim, self.max_length, self.kv_dtype, dev, did)
-        self.step_ids = new([1, 1], np.int64, dev, did)
-        self.no_features = new([0, self.hidden], self.io_dtype, dev, did)
-        self.seqlens_k = new([1], np.int32, dev, did)
-        self.step_pos = new([1, 1], np.int64, dev, did)
+        dev, did, n = self.device, self.device_id, self.max_batch
+        self.cache = KVCache(self.num_layers, self.kv_heads, self.head_dim, self.max_length, n, self.kv_dtype, dev, did)
+        self.step_ids = _Buffer((n, 1), np.int64, dev, did)
+        self.step_pos = _Buffer((n, 1), np.int64, dev, did)
+        self.seqlens_k = _Buffer((n,), np.int32, dev, did)
+        self.logits = _Buffer((n, 1, self.vocab_size), self.logits_dtype, dev, did)
         self.total_len = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int32))  # host, as GQA wants it
+        self._tot_host = np.zeros((), np.int32)
         cos, sin = stacked_tables(self.rope, self.head_dim, self.max_length, self.rope_dtype)
         self.cos = ort.OrtValue.ortvalue_from_numpy(cos, dev, did)
         self.sin = ort.OrtValue.ortvalue_from_numpy(sin, dev, did)
-        self.logits = new([1, 1, self.vocab_size], self.logits_dtype, dev, did)
-        # host scratch written into the fixed buffers
-        self._ids_host = np.zeros((1, 1), np.int64)
-        self._seq_host = np.zeros((1,), np.int32)
-        self._tot_host = np.zeros((), np.int32)
-        self._pos_host = np.zeros((1, 1), np.int64)
-        self.rope_long = False
-
-        self._step_binding = self.session.io_binding()
-        self._bind_common(self._step_binding)
-        self._step_binding.bind_ortvalue_input(fmt.INPUT_IDS, self.step_ids)
-        self._step_binding.bind_ortvalue_input(fmt.IMAGE_FEATURES, self.no_features)
-        self._step_binding.bind_ortvalue_input(fmt.POSITION_IDS, self.step_pos)
-        self._step_binding.bind_ortvalue_output(fmt.LOGITS, self.logits)
-        self._step_ro = run_options(DECODE_GRAPH_ID if self.cuda_graph else None)
+        self.no_features = ort.OrtValue.ortvalue_from_shape_and_type([0, self.hidden], self.io_dtype, dev, did)
+        self.buckets = batch_buckets(n)
+        self._steps: dict[int, tuple[ort.IOBinding, ort.RunOptions]] = {}
         self._prefill_ro = run_options(-1 if self.cuda_graph else None)
         self.head = LogitsHead(self, provider, device_id)
 
     # ---- set-up --------------------------------------------------------------------------------
     @staticmethod
     def _check_io(ins, outs) -> None:
-        need_in = [fmt.INPUT_IDS, fmt.IMAGE_FEATURES, fmt.SEQLENS_K, fmt.TOTAL_SEQ_LEN, fmt.COS_CACHE, fmt.SIN_CACHE,
-                   *fmt.past_names(0)]
+        need_in = [fmt.INPUT_IDS, fmt.IMAGE_FEATURES, fmt.POSITION_IDS, fmt.SEQLENS_K, fmt.TOTAL_SEQ_LEN,
+                   fmt.COS_CACHE, fmt.SIN_CACHE, *fmt.past_names(0)]
         missing = [n for n in need_in if n not in ins] + [n for n in (fmt.LOGITS, *fmt.present_names(0)) if n not in outs]
         if missing:
             raise BundleError(f"decoder.onnx lacks the inputs/outputs {missing} of the bundle contract "
-                              "(see phi3v_edge.runtime.bundle)")
+                              "(see phi3v_edge.runtime.bundle; re-export the bundle with this version)")
         n = sum(1 for k in ins if k.startswith("past_key_values.") and k.endswith(".key"))
         for i in range(n):
             for name in (*fmt.past_names(i), *fmt.present_names(i)):
                 if name not in ins and name not in outs:
                     raise BundleError(f"decoder.onnx lacks {name}")
 
-    def _bind_common(self, b: ort.IOBinding) -> None:
-        self.cache.bind(b)
-        b.bind_ortvalue_input(fmt.SEQLENS_K, self.seqlens_k)
+    def _bind_tables(self, b: ort.IOBinding) -> None:
         b.bind_ortvalue_input(fmt.TOTAL_SEQ_LEN, self.total_len)
         b.bind_ortvalue_input(fmt.COS_CACHE, self.cos)
         b.bind_ortvalue_input(fmt.SIN_CACHE, self.sin)
 
-    def set_rope(self, long: bool) -> None:
-        """Use the short or long LongRoPE factors from the next call on (an offset into the stacked tables)."""
-        self.rope_long = bool(long)
-
-    def _set_lengths(self, total: int) -> None:
-        self._seq_host[0] = total - 1
-        self.seqlens_k.update_inplace(self._seq_host)
-        self._tot_host[()] = total
+    def _set_total(self, total: int) -> None:
+        self._tot_host[()] = self.max_length if self.cuda_graph else total
         self.total_len.update_inplace(self._tot_host)
 
+    def bucket_for(self, rows: int) -> int:
+        """The smallest decode bucket holding `rows` leading slots."""
+        for b in self.buckets:
+            if b >= rows:
+                return b
+        raise ValueError(f"{rows} rows exceed max_batch {self.max_batch}")
+
+    def _step_binding(self, b: int) -> tuple[ort.IOBinding, ort.RunOptions]:
+        if b not in self._steps:
+            bd = self.session.io_binding()
+            self.cache.bind(bd, 0, b)
+            self._bind_tables(bd)
+            self.step_ids.bind_input(bd, fmt.INPUT_IDS, 0, b)
+            self.step_pos.bind_input(bd, fmt.POSITION_IDS, 0, b)
+            self.seqlens_k.bind_input(bd, fmt.SEQLENS_K, 0, b)
+            bd.bind_ortvalue_input(fmt.IMAGE_FEATURES, self.no_features)
+            self.logits.bind_output(bd, fmt.LOGITS, 0, b)
+            graph_id = self.buckets.index(b) + 1 if self.cuda_graph else None
+            self._steps[b] = (bd, run_options(graph_id))
+        return self._steps[b]
+
     # ---- the two kinds of run ------------------------------------------------------------------
-    def prefill(self, ids: np.ndarray, features: np.ndarray | None = None) -> None:
-        """Append `ids` [S] (negative = image rows, filled in order from `features` [T, hidden]) after the
-        cached rows; leaves the last position's logits in `self.logits`."""
+    def prefill(self, slot: int, ids: np.ndarray, features: np.ndarray | None, start: int, long: bool) -> None:
+        """Write `ids` [S] (negative = image rows, filled in order from `features` [T, hidden]) into slot `slot`
+        at positions start..start+S-1 (rows before `start` are the slot's kept prefix), with the short or
+        long LongRoPE factors; leaves the last position's logits in row `slot` of `self.logits`."""
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
         s = ids.shape[1]
-        start = self.cache.length
         if s == 0:
             raise ValueError("prefill needs at least one token")
+        if not 0 <= start <= self.cache.lengths[slot]:
+            raise ValueError(f"prefill at {start} but slot {slot} holds {self.cache.lengths[slot]} rows")
         if start + s > self.max_length:
             raise ValueError(f"{start} cached + {s} new tokens exceed max_length {self.max_length}")
         n_img = int((ids < 0).sum())
@@ -146,98 +193,115 @@ class Decoder:
         if n_img != n_feat:
             raise ValueError(f"{n_img} image placeholder positions but {n_feat} image feature rows")
         dev, did = self.device, self.device_id
+        host = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), dev, did)  # noqa: E731
         b = self.session.io_binding()
-        self._bind_common(b)
-        b.bind_ortvalue_input(fmt.INPUT_IDS, ort.OrtValue.ortvalue_from_numpy(ids, dev, did))
+        self.cache.bind(b, slot, 1)
+        self._bind_tables(b)
+        b.bind_ortvalue_input(fmt.INPUT_IDS, host(ids))
+        b.bind_ortvalue_input(fmt.POSITION_IDS, host(table_rows(np.arange(start, start + s)[None], long,
+                                                                self.max_length)))
+        b.bind_ortvalue_input(fmt.SEQLENS_K, host(np.array([start + s - 1], np.int32)))
         if n_feat:
-            f = np.ascontiguousarray(features, dtype=self.io_dtype)
-            b.bind_ortvalue_input(fmt.IMAGE_FEATURES, ort.OrtValue.ortvalue_from_numpy(f, dev, did))
+            b.bind_ortvalue_input(fmt.IMAGE_FEATURES, host(features.astype(self.io_dtype, copy=False)))
         else:
             b.bind_ortvalue_input(fmt.IMAGE_FEATURES, self.no_features)
         if self.all_logits:  # test-only bundles: [1, S, vocab] comes back; keep the last row
             b.bind_output(fmt.LOGITS, dev, did)
         else:
-            b.bind_ortvalue_output(fmt.LOGITS, self.logits)
-        self._set_lengths(start + s)
-        pos = table_rows(np.arange(start, start + s)[None], self.rope_long, self.max_length)
-        b.bind_ortvalue_input(fmt.POSITION_IDS, ort.OrtValue.ortvalue_from_numpy(pos, dev, did))
+            self.logits.bind_output(b, fmt.LOGITS, slot, 1)
+        self._set_total(start + s)
+        self.cache.lengths[slot] = start  # rows from `start` on are being rewritten
         self.session.run_with_iobinding(b, self._prefill_ro)
         if self.all_logits:
             last = b.get_outputs()[0].numpy()[:, -1:, :]
-            self.logits.update_inplace(np.ascontiguousarray(last, dtype=self.logits_dtype))
-        self.cache.advance(s)
+            self.logits.host[slot] = last[0]
+            if self.device != "cpu":
+                self.logits.value.update_inplace(self.logits.host)
+        self.cache.lengths[slot] = start + s
 
-    def step(self, token: int | None = None) -> None:
-        """Run one token at the next position. token=None: `step_ids` already holds it (device ArgMax)."""
-        total = self.cache.length + 1
-        if total > self.max_length:
-            raise ValueError(f"decode step would exceed max_length {self.max_length}")
-        if token is not None:
-            self._ids_host[0, 0] = token
-            self.step_ids.update_inplace(self._ids_host)
-        self._set_lengths(total)
-        self._pos_host[0, 0] = total - 1 + (self.max_length if self.rope_long else 0)
-        self.step_pos.update_inplace(self._pos_host)
-        self.session.run_with_iobinding(self._step_binding, self._step_ro)
-        self.cache.advance(1)
+    def step(self, b: int, tokens, positions, long) -> None:
+        """One decode step over slots 0..b-1: row r takes token tokens[r] at position positions[r] (under the
+        long factors where long[r]). Rows given position None are idle: they write past their slot's valid rows."""
+        m = self.max_length
+        totals = []
+        for r in range(b):
+            pos = positions[r]
+            if pos is None:  # idle row: token 0 at the slot's length (kept below M), nothing read back
+                pos = min(self.cache.lengths[r], m - 1)
+                self.step_ids.host[r, 0] = 0
+                self.step_pos.host[r, 0] = pos
+            else:
+                if pos != self.cache.lengths[r] or pos >= m:
+                    raise ValueError(f"slot {r}: decode at position {pos} but it holds {self.cache.lengths[r]} rows "
+                                     f"(max_length {m})")
+                self.step_ids.host[r, 0] = tokens[r]
+                self.step_pos.host[r, 0] = pos + (m if long[r] else 0)
+            self.seqlens_k.host[r] = pos
+            totals.append(pos + 1)
+        for buf in (self.step_ids, self.step_pos, self.seqlens_k):
+            buf.push()
+        self._set_total(max(totals))
+        bd, ro = self._step_binding(b)
+        self.session.run_with_iobinding(bd, ro)
+        for r in range(b):
+            if positions[r] is not None:
+                self.cache.lengths[r] += 1
 
     # ---- reading the result --------------------------------------------------------------------
-    def argmax(self) -> int:
-        """Greedy token of the current logits, computed on the device and written into `step_ids`
-        (so the next step needs no host->device write); returns it (an 8-byte read)."""
-        return self.head.argmax()
+    def argmax(self, start: int, rows: int) -> np.ndarray:
+        """Greedy tokens of logits rows start..start+rows-1 (on the device under CUDA: 8 bytes a row come back)."""
+        if self.device == "cpu":
+            return np.argmax(self.logits.rows(start, rows).reshape(rows, -1), axis=-1)
+        return self.head.argmax(start, rows)
 
-    def logits_numpy(self) -> np.ndarray:
-        """Host copy of the last position's logits [vocab] (sampling, tests)."""
-        return self.logits.numpy().reshape(-1)
+    def logits_rows(self, start: int, rows: int) -> np.ndarray:
+        """Host logits [rows, vocab] (a view on the CPU: read it before the next run)."""
+        return self.logits.rows(start, rows).reshape(rows, -1)
 
-    def topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(values [k] float32, ids [k] int64) of the k largest logits, selected on the device."""
-        return self.head.topk(k)
+    def copy_slot(self, src: int, dst: int, rows: int) -> None:
+        self.cache.copy_slot(src, dst, rows, self.head.device_copy)
 
 
 class LogitsHead:
-    """Tiny ONNX graphs run on the bound logits buffer: ArgMax (output bound to the decoder's step_ids
-    buffer) and TopK (k values + ids to the host). Built here from protobuf bytes: no onnx dependency."""
+    """Tiny ONNX graphs for CUDA: ArgMax over a range of logits rows, and a device-to-device copy (Identity
+    between two bound addresses). Built here from protobuf bytes: no onnx dependency. Unused on the CPU,
+    where numpy reads the logits in place."""
 
     def __init__(self, dec: Decoder, provider: str, device_id: int):
-        self.dec = dec
-        in_type = _ONNX_TYPES[np.dtype(dec.logits_dtype)]
-        self._argmax = create_session(_argmax_model(in_type), provider, device_id=device_id, what="argmax graph")
-        self._argmax_b = self._argmax.io_binding()
-        self._argmax_b.bind_ortvalue_input("logits", dec.logits)
-        self._argmax_b.bind_ortvalue_output("token", dec.step_ids)
-        self._topk = None
-        self._k = None
-        self.provider, self.device_id = provider, device_id
+        self.dec, self.provider, self.device_id = dec, provider, device_id
+        self._argmax = self._copy = None
+        self._argmax_b: dict[tuple[int, int], ort.IOBinding] = {}
+        self._out = None
 
-    def argmax(self) -> int:
-        self._argmax.run_with_iobinding(self._argmax_b)
-        return int(self.dec.step_ids.numpy().reshape(-1)[0])
+    def argmax(self, start: int, rows: int) -> np.ndarray:
+        dec = self.dec
+        if self._argmax is None:
+            in_type = _ONNX_TYPES[np.dtype(dec.logits_dtype)]
+            self._argmax = create_session(_argmax_model(in_type), self.provider, device_id=self.device_id,
+                                          what="argmax graph")
+            self._out = _Buffer((dec.max_batch, 1), np.int64, dec.device, self.device_id)
+        key = (start, rows)
+        if key not in self._argmax_b:
+            b = self._argmax.io_binding()
+            dec.logits.bind_input(b, "logits", start, rows)
+            self._out.bind_output(b, "token", start, rows)
+            self._argmax_b[key] = b
+        self._argmax.run_with_iobinding(self._argmax_b[key])
+        return self._out.rows(start, rows).reshape(-1)
 
-    def topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = int(min(k, self.dec.vocab_size))
-        if self._topk is None:
-            in_type = _ONNX_TYPES[np.dtype(self.dec.logits_dtype)]
-            self._topk = create_session(_topk_model(in_type), self.provider, device_id=self.device_id,
-                                        what="top-k graph")
-        if self._k is None or self._k[0] != k:  # bound once per k: K and both outputs live on the host
-            host = ort.OrtValue.ortvalue_from_numpy
-            kv, values, ids = host(np.array([k], np.int64)), host(np.zeros((1, 1, k), np.float32)), \
-                host(np.zeros((1, 1, k), np.int64))
-            b = self._topk.io_binding()
-            b.bind_ortvalue_input("logits", self.dec.logits)
-            b.bind_ortvalue_input("k", kv)
-            b.bind_ortvalue_output("values", values)
-            b.bind_ortvalue_output("ids", ids)
-            self._k = (k, b, kv, values, ids)
-        _, b, _, values, ids = self._k
-        self._topk.run_with_iobinding(b)
-        return values.numpy().reshape(-1), ids.numpy().reshape(-1)
+    def device_copy(self, src_ptr: int, dst_ptr: int, nbytes: int) -> None:
+        if self._copy is None:
+            self._copy = create_session(_copy_model(), self.provider, device_id=self.device_id, what="copy graph")
+        b = self._copy.io_binding()
+        dev = self.dec.device
+        b.bind_input("x", dev, self.device_id, np.uint8, [nbytes], src_ptr)
+        b.bind_output("y", dev, self.device_id, np.uint8, [nbytes], dst_ptr)
+        self._copy.run_with_iobinding(b)
 
 
 class Vision:
-    """vision.onnx: valid crops + layout_index -> image features [T, hidden] (host numpy)."""
+    """vision.onnx: valid crops + layout_index -> image features [T, hidden] (host numpy). Thread-safe (ONNX
+    Runtime sessions may run concurrently): the engine runs it in the submitting thread."""
 
     def __init__(self, path: str | Path, provider: str = "cpu", *, device_id: int = 0, threads: int | None = None):
         self.session = create_session(path, provider, device_id=device_id, threads=threads, what=Path(path).name)
@@ -256,6 +320,7 @@ class Vision:
 # ---- a minimal ONNX protobuf writer for the two tiny graphs ---------------------------------------
 _ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}
 _INT64 = 7
+_UINT8 = 2
 
 
 def _varint(n: int) -> bytes:
@@ -310,18 +375,14 @@ def _as_float(in_type: int, name: str, nodes: list[bytes]) -> str:
 
 
 def _argmax_model(in_type: int) -> bytes:
-    """logits [1, 1, vocab] -> token int64 [1, 1]."""
+    """logits [B, 1, vocab] -> token int64 [B, 1]."""
     nodes: list[bytes] = []
     x = _as_float(in_type, "logits", nodes)
     nodes.append(_node("ArgMax", [x], ["token"], axis=-1, keepdims=0))
-    return _model(nodes, [_value_info("logits", in_type, [1, 1, "vocab"])], [_value_info("token", _INT64, [1, 1])])
+    return _model(nodes, [_value_info("logits", in_type, ["batch", 1, "vocab"])],
+                  [_value_info("token", _INT64, ["batch", 1])])
 
 
-def _topk_model(in_type: int) -> bytes:
-    """logits [1, 1, vocab], k int64 [1] -> values float32 [1, 1, k], ids int64 [1, 1, k] (largest first)."""
-    nodes: list[bytes] = []
-    x = _as_float(in_type, "logits", nodes)
-    nodes.append(_node("TopK", [x, "k"], ["values", "ids"], axis=-1, largest=1, sorted=1))
-    return _model(nodes, [_value_info("logits", in_type, [1, 1, "vocab"]), _value_info("k", _INT64, [1])],
-                  [_value_info("values", 1, [1, 1, "k"]), _value_info("ids", _INT64, [1, 1, "k"])])
-
+def _copy_model() -> bytes:
+    """x uint8 [n] -> y uint8 [n] (Identity: with both bound to device addresses, a device-to-device copy)."""
+    return _model([_node("Identity", ["x"], ["y"])], [_value_info("x", _UINT8, ["n"])], [_value_info("y", _UINT8, ["n"])])

@@ -1,91 +1,110 @@
-"""Phi3VRuntime: a bundle on ONNX Runtime, with generate / stream / chat. Torch-free.
+"""The continuous-batching engine: one loop thread owns the decoder and its KV slots; any thread submits.
 
-One request at a time per runtime:
+    submit (caller's thread): validate, tokenize, preprocess images, run vision (prepare.py) -> waiting queue
+    loop, each turn:
+        reap      rows whose handle was cancelled: finish them ("cancelled"), free their slots
+        admit     waiting requests into free slots, first come first served (a prefill budget per turn):
+                  the free slot whose cached tokens are the longest prefix of the prompt keeps that prefix and
+                  prefills only the rest (scheduler.py); n > 1 rows copy the prefilled slot; the first token of
+                  each row is sampled from the prefill's logits
+        step      ONE batched decode step over the smallest bucket holding every active slot (decode.py), each
+                  row fed the token it sampled last; a row whose next position crosses LongRoPE's
+                  original_max_position_embeddings is recomputed alone in its own slot with the long factors
+                  (what the reference does) instead
+        sample    per row with its own options and random stream (sampler.py): greedy rows by argmax, the
+                  others from the host logits; logprobs when asked
+        emit      detokenize, match stop strings (stops.py), push deltas to each handle; finished rows free
+                  their slot (its tokens stay for prefix reuse)
 
-    prompt + images -> processor (HD transform, chat-template tokens with -k image placeholders)
-                    -> vision.onnx over the valid crops of the images not already seen -> features [T, hidden]
-                    -> decoder prefill of the tokens not already in the KV cache
-                    -> one decode step per token (on-device ArgMax when greedy) until a stop id / stop string
-                       / max_new_tokens
-
-The KV cache keeps the conversation: `chat` (and `stream`/`generate` with `keep_cache`) reuse the longest
-common prefix of the cached tokens and the new prompt, so a follow-up turn prefills only its new tokens.
-LongRoPE: the short cos/sin tables while the total length is <= original_max_position_embeddings; the step
-that crosses it re-runs prefill over the whole sequence (image rows included) with the long tables, once,
-which is what the PyTorch reference does (`long_rope="always"` uses the long tables from the start).
+A request fails alone: bad input raises in `submit` before it takes a slot; an error inside the loop fails the
+requests of that call and forgets their slots, and the loop goes on. Torch-free.
 """
 from __future__ import annotations
 
-import hashlib
+import itertools
+import logging
 import os
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
-
 import numpy as np
 
 from . import bundle as fmt
-from .chat_template import build_prompt
 from .decode import Decoder, Vision
-from .errors import BundleError, InputError, ProviderError, RequestCancelled
-from .image_layout import layout_index, valid_crops
-from .image_transform import DEFAULT_MAX_PIXELS, check_num_crops, preprocess_images
-from .processor import Phi3VProcessor, check_placeholders, image_list
+from .errors import BundleError, EngineClosed, InputError, RequestCancelled
+from .image_transform import DEFAULT_MAX_PIXELS
+from .prepare import Prepared, Preparer
+from .processor import Phi3VProcessor
+from .request import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Delta, GenerationResult, RequestHandle, TokenLogprob
 from .rope import needs_long
 from .sampler import Sampler, SamplingParams
+from .scheduler import Scheduler, Slot
 from .session import resolve_provider
+from .stops import StopMatcher, parse_stop, stop_id_set
 from .tokenizer import StreamDecoder
 
-FINISH_STOP, FINISH_LENGTH = "stop", "length"
+log = logging.getLogger("phi3v_edge.engine")
+MAX_LOGPROBS = 5
+PREFILL_BUDGET = 512  # prompt tokens prefilled per loop turn while other rows decode (at least one request)
 
 
 @dataclass
-class GenerationResult:
-    token_ids: list[int]  # generated ids only (a stop id, if hit, is the last one)
-    text: str  # their text (special tokens skipped; cut before a stop string, if one was hit)
-    finish_reason: str  # "stop" (stop id or stop string) or "length" (max_new_tokens reached)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: preprocess, vision, prefill, decode, ...
-    prompt_tokens: int = 0  # length of the prompt (image placeholder tokens included)
-    cached_tokens: int = 0  # prompt tokens whose KV came from the cache (not prefilled again)
+class Job:
+    """A submitted request, waiting for its slot(s)."""
+    handle: RequestHandle
+    prep: Prepared
+    n: int
+    max_new_tokens: int
+    params: SamplingParams
+    stops: frozenset
+    stop_strings: list
+    logprobs: int | None
+    reuse_prefix: bool
+    continuation: list | None = None  # score jobs: teacher-forced ids
+    future: Future | None = None  # score jobs: the logits rows
+    admitted: float = 0.0
 
 
 @dataclass
-class _Image:
-    fingerprint: tuple
-    num_crops: int
-    num_tokens: int
-    features: np.ndarray  # [num_tokens, hidden]
+class Row:
+    """One generated sequence, decoding in one slot."""
+    job: Job
+    index: int
+    slot: Slot
+    sampler: Sampler
+    detok: StreamDecoder
+    matcher: StopMatcher
+    out: list = field(default_factory=list)
+    text: list = field(default_factory=list)
+    logprobs: list | None = None
+    pending: int | None = None  # sampled, not yet fed to the decoder
+    first_token_at: float = 0.0
+    prefill_s: float = 0.0
+    cached: int = 0
+    finish: str | None = None
 
 
-@dataclass
-class _Prepared:
-    ids: np.ndarray  # [L] int64, -k at image k's positions
-    features: np.ndarray | None  # [count of negative ids, hidden] in position order
-    images: list[_Image]
-    reuse: int  # leading tokens whose cached KV may be kept
-    timings: dict[str, float]
+class Engine:
+    """Owns the sessions, a KV cache of max_batch slots x max_length rows, and the loop thread.
 
+    provider: "auto" (CUDA when usable, else CPU; `self.provider` says which), "cuda" or "cpu".
+    long_rope: "auto" (short factors up to original_max_position_embeddings, one recompute of a row at its
+               crossing) or "always" (long factors from the first token).
+    max_queue: requests waiting for a slot before `submit` raises EngineBusy."""
 
-class Phi3VRuntime:
-    """Load a bundle and generate.
-
-    provider: "auto" (default: cuda when usable, else cpu; `self.provider` says which), "cuda" (onnxruntime-gpu;
-              decode steps replay a CUDA graph unless cuda_graph=False) or "cpu".
-    max_length: KV cache rows (prompt + generated tokens), allocated once.
-    long_rope: "auto" (short factors up to original_max_position_embeddings, one recompute at the crossing)
-               or "always" (long factors from the first token, never a recompute).
-    """
-
-    def __init__(self, bundle_dir: str | os.PathLike, provider: str = "auto", max_length: int = 4096,
-                 long_rope: str = "auto", *, device_id: int = 0, cuda_graph: bool | None = None,
-                 threads: int | None = None, verify: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, bundle_dir: str | os.PathLike, provider: str = "auto", max_batch: int = 4,
+                 max_length: int = 4096, max_queue: int = 64, long_rope: str = "auto", *, device_id: int = 0,
+                 cuda_graph: bool | None = None, threads: int | None = None, verify: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, prefill_budget: int = PREFILL_BUDGET):
         self.bundle_dir = Path(bundle_dir)
         provider = resolve_provider(provider)  # before any file work: "cuda" without CUDA fails right here
         if long_rope not in ("auto", "always"):
             raise ValueError(f"long_rope must be 'auto' or 'always', got {long_rope!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+        for name, v, low in (("max_length", max_length, 2), ("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         self.manifest = fmt.load_manifest(self.bundle_dir)
         if verify:
             problems = fmt.verify_bundle(self.bundle_dir)
@@ -95,8 +114,8 @@ class Phi3VRuntime:
         limit = self.rope.get("max_position_embeddings")
         if limit and max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings {limit}")
-        self.provider, self.long_rope, self.max_length = provider, long_rope, max_length
-        cuda_graph = (provider == "cuda") if cuda_graph is None else bool(cuda_graph)
+        self.provider, self.long_rope, self.max_length, self.max_batch = provider, long_rope, max_length, max_batch
+        self.cuda_graph = (provider == "cuda") if cuda_graph is None else bool(cuda_graph)
         try:
             self.processor = Phi3VProcessor.from_pretrained(self.bundle_dir, max_pixels=max_pixels)
         except (OSError, ValueError) as e:
@@ -108,390 +127,388 @@ class Phi3VRuntime:
                 raise BundleError(f"bundle {self.bundle_dir} is missing {name}")
         dec_info = self.manifest.get("decoder") or {}
         self.decoder = Decoder(self.bundle_dir / fmt.DECODER_FILE, self.rope, max_length, provider,
-                               device_id=device_id, cuda_graph=cuda_graph, threads=threads,
+                               max_batch=max_batch, device_id=device_id, cuda_graph=self.cuda_graph, threads=threads,
                                all_logits=bool(dec_info.get("all_logits", False)))
         self.vision = Vision(self.bundle_dir / fmt.VISION_FILE, provider, device_id=device_id, threads=threads)
-        self.cuda_graph = cuda_graph
-        # conversation state: the tokens whose KV is in the cache, their image rows, the images seen
-        self._tokens: list[int] = []
-        self._features: np.ndarray | None = None
-        self._images: list[_Image] = []
-        self._active = 0  # id of the request that owns the runtime (0: none)
-        self._next_id = 0
-        self.last_result: GenerationResult | None = None
+        self.prepare = Preparer(self.processor, self.vision)
+        self.scheduler = Scheduler(max_batch, max_queue)
+        self.prefill_budget = int(prefill_budget)
+        self.rows: list[Row] = []
+        self.counters = {"requests": 0, "prefills": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0,
+                         "decode_steps": 0, "long_recomputes": 0}
+        self._ids = itertools.count(1)
+        self._forget_all = False
+        self._closing = False
+        self._drain_deadline: float | None = None
+        self._thread = threading.Thread(target=self._loop, name="phi3v-edge-engine", daemon=True)
+        self._thread.start()
 
-    # ---- public API ----------------------------------------------------------------------------
-    def generate(self, prompt: str, images=None, max_new_tokens: int = 256, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: str | int | Sequence[str | int] | None = None,
-                 num_crops: int | None = None, stop_ids: Iterable[int] | None = None,
-                 keep_cache: bool = False) -> GenerationResult:
-        """Generate a reply to `prompt` (the full model prompt, e.g. from `build_prompt`; image k appears as
-        <|image_k|>). stop: extra stop strings (cut from the text) and/or stop ids; stop_ids: replaces the
-        bundle's stop ids (() disables them). keep_cache: reuse the KV of a common prefix with the previous
-        request (default: start from an empty cache)."""
-        gen = self._request(prompt, images, num_crops, keep_cache, max_new_tokens,
-                            SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed),
-                            stop, stop_ids, stream=False)
-        for _ in gen:
-            pass
-        return self.last_result
-
-    def stream(self, prompt: str, images=None, max_new_tokens: int = 256, do_sample: bool = False,
+    # ---- submitting (any thread) ---------------------------------------------------------------------
+    def submit(self, prompt: str, images=None, *, max_new_tokens: int = 256, do_sample: bool = False,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop=None, num_crops: int | None = None,
-               stop_ids: Iterable[int] | None = None, keep_cache: bool = False) -> Iterator[str]:
-        """Like `generate`, yielding text deltas as tokens arrive (joined, they equal the result's text);
-        the generator returns the GenerationResult (also left in `last_result`). Closing it early ends the
-        request. Input errors are raised here, before the generator is returned."""
-        return self._request(prompt, images, num_crops, keep_cache, max_new_tokens,
-                             SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed),
-                             stop, stop_ids, stream=True)
+               seed: int | None = None, stop=None, stop_ids=None, num_crops: int | None = None,
+               logprobs: int | None = None, n: int = 1, reuse_prefix: bool = True) -> RequestHandle:
+        """Validate and prepare a request in this thread, queue it, and return its handle. Raises InputError for
+        a bad request, EngineBusy when the waiting queue is full, EngineClosed after shutdown."""
+        t0 = time.perf_counter()
+        self._check_open()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.max_batch:
+            raise InputError(f"n must be an integer from 1 to max_batch ({self.max_batch}), got {n!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer))
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be None or an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed).validate()
+        stop_strings, extra_ids = parse_stop(stop)
+        stops = stop_id_set(self.default_stop_ids, stop_ids, extra_ids)
+        prep = self.prepare(prompt, images, num_crops)
+        total = prep.ids.size + int(max_new_tokens)
+        if total > self.max_length:
+            raise InputError(f"the prompt is {prep.ids.size} tokens and max_new_tokens is {max_new_tokens}: "
+                             f"{prep.ids.size} + {max_new_tokens} = {total} exceeds max_length {self.max_length} "
+                             "(shorten the prompt or lower max_new_tokens, or use a larger max_length)")
+        handle = RequestHandle(f"req-{next(self._ids)}", int(n))
+        handle.created = t0
+        job = Job(handle, prep, int(n), int(max_new_tokens), params, stops, stop_strings,
+                  None if logprobs is None else int(logprobs), bool(reuse_prefix))
+        self.scheduler.enqueue(job)
+        return handle
 
-    def chat(self, messages: Sequence[dict[str, Any]], **kwargs) -> GenerationResult:
-        """One turn of a conversation: messages = the whole history [{"role", "content", "images"?}, ...],
-        ending with the user's turn. The KV cache of the conversation is kept: a follow-up turn prefills only
-        the tokens that do not extend the cached prefix. Same keyword arguments as `generate`."""
-        prompt, images = self._template(messages)
-        kwargs.setdefault("keep_cache", True)
-        return self.generate(prompt, images, **kwargs)
-
-    def chat_stream(self, messages: Sequence[dict[str, Any]], **kwargs) -> Iterator[str]:
-        """`chat`, streaming text deltas."""
-        prompt, images = self._template(messages)
-        kwargs.setdefault("keep_cache", True)
-        return self.stream(prompt, images, **kwargs)
-
-    def score(self, prompt: str, images=None, continuation: Sequence[int] = (), num_crops: int | None = None) -> np.ndarray:
+    def score(self, prompt: str, images=None, continuation=(), num_crops: int | None = None,
+              timeout: float | None = None) -> np.ndarray:
         """Teacher-forced next-token logits: row 0 after the prompt, row i after continuation[:i].
         Returns float32 [len(continuation) + 1, vocab] (evaluation: KL divergence, perplexity)."""
-        prep = self._prepare(prompt, images, num_crops, keep_cache=False)
-        n = prep.ids.size + len(continuation)
-        if n > self.max_length:
-            raise InputError(f"the prompt ({prep.ids.size} tokens) plus the continuation ({len(continuation)}) "
+        self._check_open()
+        try:
+            cont = [int(t) for t in continuation]
+        except (TypeError, ValueError):
+            raise InputError(f"continuation must be token ids, got {continuation!r}") from None
+        prep = self.prepare(prompt, images, num_crops)
+        if prep.ids.size + len(cont) > self.max_length:
+            raise InputError(f"the prompt ({prep.ids.size} tokens) plus the continuation ({len(cont)}) "
                              f"exceeds max_length {self.max_length}")
-        self._next_id += 1
-        self._active = 0  # no request owns the runtime afterwards
-        self._prefill(prep.ids, prep.features, reuse=0)
-        self._images = prep.images
-        rows = [self.decoder.logits_numpy().astype(np.float32)]
-        for tok in continuation:
-            self._advance(int(tok), from_device=False)
-            rows.append(self.decoder.logits_numpy().astype(np.float32))
-        return np.stack(rows)
-
-    def reset(self) -> None:
-        """Forget the conversation (the KV cache is emptied; nothing is freed or reallocated)."""
-        self._forget()
+        fut: Future = Future()
+        job = Job(RequestHandle(f"score-{next(self._ids)}"), prep, 1, 1, SamplingParams(), frozenset(), [], None,
+                  False, continuation=cont, future=fut)
+        self.scheduler.enqueue(job)
+        return fut.result(timeout)
 
     def count_tokens(self, prompt: str, images=None, num_crops: int | None = None) -> int:
         """Prompt length in tokens (image placeholders included), without running any graph."""
-        return self._prepare(prompt, images, num_crops, keep_cache=False, run_vision=False).ids.size
+        return int(self.prepare(prompt, images, num_crops, run_vision=False).ids.size)
 
-    def verify(self, progress=None) -> list[str]:
-        """sha256 of every bundle file against the manifest: the list of problems (empty when fine)."""
-        return fmt.verify_bundle(self.bundle_dir, progress)
+    def stats(self) -> dict:
+        """running / waiting requests, max_batch, free_slots, and the loop's counters since start: requests,
+        prefills, prefill_tokens, prefix_tokens_reused, decode_steps, long_recomputes."""
+        return {**self.scheduler.stats(), **self.counters}
 
-    @property
-    def cache_length(self) -> int:
-        return self.decoder.cache.length
+    def forget(self) -> None:
+        """Drop every slot's cached prefix and the image feature cache (nothing is freed or reallocated)."""
+        self.prepare.cache.clear()
+        self._forget_all = True
+        self.scheduler.wake()
 
-    @staticmethod
-    def build_prompt(messages) -> tuple[str, list]:
-        return build_prompt(messages)
+    def warmup(self) -> None:
+        """One tiny request end to end (a server reports ready after it)."""
+        self.submit("<|user|>\nHi<|end|>\n<|assistant|>\n", max_new_tokens=2, reuse_prefix=False).result()
 
-    # ---- request preparation -------------------------------------------------------------------
-    @staticmethod
-    def _template(messages) -> tuple[str, list]:
-        try:
-            return build_prompt(messages)
-        except (ValueError, TypeError, KeyError) as e:
-            raise InputError(str(e)) from None
+    def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting; let running and waiting requests finish for up to drain_timeout seconds, then cancel
+        the rest; stop the loop thread."""
+        self._closing = True
+        self._drain_deadline = time.monotonic() + max(0.0, drain_timeout)
+        with self.scheduler.cond:
+            self.scheduler.closed = True
+            self.scheduler.cond.notify_all()
+        self._thread.join(drain_timeout + 10.0)
 
-    def _prepare(self, prompt: str, images, num_crops, keep_cache: bool, run_vision: bool = True) -> _Prepared:
-        t0 = time.perf_counter()
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
-        try:
-            images = _image_list(images)
-            crops = self.processor.num_crops if num_crops is None else check_num_crops(num_crops)
-            check_placeholders(prompt, len(images))  # cheap checks before any image work
-            prints = [_fingerprint(im) for im in images]
-            # images already seen in this conversation (same content, same crops) keep their features
-            same = 0
-            if keep_cache:
-                while (same < min(len(prints), len(self._images)) and self._images[same].fingerprint == prints[same]
-                       and self._images[same].num_crops == crops):
-                    same += 1
-            new = images[same:]
-            pv, sizes, ntok = (preprocess_images(new, crops, self.processor.image_mean, self.processor.image_std,
-                                                 self.processor.max_pixels) if new else (None, None, []))
-            num_tokens = [im.num_tokens for im in self._images[:same]] + list(ntok)
-            ids = self.processor.tokenize(prompt, num_tokens)[0]
-        except InputError:
-            raise
-        except (ValueError, TypeError, OSError) as e:  # ImageError is a ValueError
-            raise InputError(str(e)) from None
-        t1 = time.perf_counter()
-        order = _image_order(ids)  # image numbers k in the order their placeholders appear
-        entries: dict[int, _Image] = {k: self._images[k - 1] for k in range(1, same + 1)}
-        new_order = [k for k in order if k > same]
-        if new_order and run_vision:
-            crops_arr, grids = valid_crops(pv, sizes, order=[k - 1 - same for k in new_order])
-            feats = self.vision(crops_arr, layout_index(grids))  # [sum of tokens of the new images, hidden]
-            off = 0
-            for k in new_order:
-                n = num_tokens[k - 1]
-                entries[k] = _Image(prints[k - 1], crops, n, feats[off: off + n])
-                off += n
-        t2 = time.perf_counter()
-        features = None
-        if order and run_vision:
-            features = np.concatenate([entries[k].features for k in order], axis=0)
-        reuse = _common_prefix(ids, self._tokens, same) if keep_cache else 0
-        imgs = [entries[k] for k in range(1, len(images) + 1)] if run_vision else []
-        return _Prepared(ids, features, imgs, reuse, {"preprocess": t1 - t0, "vision": t2 - t1})
+    close = shutdown
 
-    # ---- the request loop ----------------------------------------------------------------------
-    def _request(self, prompt, images, num_crops, keep_cache, max_new_tokens, params: SamplingParams, stop,
-                 stop_ids, stream: bool):
-        """Validate everything, then return the generator that runs the request."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        params.validate()
-        stop_strings, extra_ids = _parse_stop(stop)
-        if stop_ids is None:
-            stops = set(self.default_stop_ids)
-        else:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown(drain_timeout=0.0)
+
+    def _check_open(self) -> None:
+        if self._closing or not self._thread.is_alive():
+            raise EngineClosed("the engine is shut down and takes no new requests")
+
+    # ---- the loop (its own thread) ------------------------------------------------------------------
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            with sched.cond:
+                while not self.rows and not sched.waiting and not self._forget_all and not self._closing:
+                    sched.cond.wait()
+                if self._closing and not self.rows and not sched.waiting:
+                    return
             try:
-                stops = {int(i) for i in stop_ids}
-            except (TypeError, ValueError):
-                raise InputError(f"stop_ids must be token ids, got {stop_ids!r}") from None
-        stops |= set(extra_ids)
-        prep = self._prepare(prompt, images, num_crops, keep_cache)
-        n = prep.ids.size
-        if n + max_new_tokens > self.max_length:
-            raise InputError(f"the prompt is {n} tokens and max_new_tokens is {max_new_tokens}: {n} + "
-                             f"{max_new_tokens} = {n + max_new_tokens} exceeds max_length {self.max_length} (shorten "
-                             f"the prompt or lower max_new_tokens, or create the runtime with a larger max_length)")
-        # this request owns the runtime from here: an unfinished stream of an earlier one ends (its next
-        # resume raises RequestCancelled); the cache it left holds its tokens so far, which the prefix
-        # matching in _prepare already accounted for
-        self._next_id += 1
-        self._active = rid = self._next_id
-        return self._run(rid, prep, int(max_new_tokens), params, stops, stop_strings, stream)
+                self._turn()
+            except BaseException as e:  # a bug in the loop itself: fail what is running, keep serving
+                log.exception("engine loop error")
+                for row in list(self.rows):
+                    self._fail_row(row, e)
 
-    def _run(self, rid: int, prep: _Prepared, max_new_tokens: int, params: SamplingParams, stops: set[int],
-             stop_strings: list[str], stream: bool) -> Iterator[str]:
-        timings = dict(prep.timings)
-        out: list[int] = []
-        finish = FINISH_LENGTH
-        detok = StreamDecoder(self.tokenizer) if (stream or stop_strings) else None
-        matcher = _StopMatcher(stop_strings)
-        text_parts: list[str] = []
+    def _turn(self) -> None:
+        if self._forget_all:
+            self._forget_all = False
+            for s in self.scheduler.slots:
+                if s.owner is None:
+                    s.forget()
+        if self._closing and self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+            for row in list(self.rows):
+                row.job.handle.cancel()
+            self._cancel_waiting()
+        self._reap()
+        self._admit()
+        self._step()
+
+    def _cancel_waiting(self) -> None:
+        with self.scheduler.cond:
+            jobs = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+        for job in jobs:
+            err = RequestCancelled("the engine shut down before the request started")
+            job.handle._fail(err)
+            if job.future is not None:
+                job.future.set_exception(err)
+
+    def _reap(self) -> None:
+        for row in list(self.rows):
+            if row.job.handle.cancelled and row.finish is None:
+                self._finish(row, FINISH_CANCELLED, time.perf_counter())
+        with self.scheduler.cond:
+            gone = [j for j in self.scheduler.waiting if j.handle.cancelled]
+            for j in gone:
+                self.scheduler.waiting.remove(j)
+        for j in gone:
+            now = time.perf_counter()
+            for i in range(j.n):
+                j.handle._finish_row(i, GenerationResult([], "", FINISH_CANCELLED, {"total": now - j.handle.created},
+                                                         int(j.prep.ids.size), 0, index=i, provider=self.provider))
+
+    def _admit(self) -> None:
+        sched, budget = self.scheduler, self.prefill_budget
+        spent = 0
+        while True:
+            with sched.cond:
+                if not sched.waiting or len(sched.free()) < sched.waiting[0].n:
+                    return
+                if spent and (spent >= budget or self.rows) and spent + sched.waiting[0].prep.ids.size > budget:
+                    return
+                job = sched.waiting.popleft()
+            spent += int(job.prep.ids.size)
+            try:
+                if job.future is not None:
+                    self._run_score(job)
+                else:
+                    self._start(job)
+            except BaseException as e:
+                log.exception("prefill failed")
+                job.handle._fail(e)
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(e)
+
+    def _long_for(self, total: int) -> bool:
+        return self.long_rope == "always" or needs_long(self.rope, total)
+
+    def _prefill(self, slot: Slot, prep: Prepared, keep: int, long: bool) -> None:
+        """Make `slot` hold exactly prep.ids, keeping its first `keep` cached rows."""
+        ids = prep.ids
+        skip = int((ids[:keep] < 0).sum())
+        feats = prep.features
+        if feats is not None and skip:
+            feats = feats[skip:] if feats.shape[0] > skip else None
         try:
-            self._check_owner(rid)
-            t0 = time.perf_counter()
-            cached = self._prefill(prep.ids, prep.features, prep.reuse)
-            self._images = prep.images
-            t1 = time.perf_counter()
-            timings["prefill"] = t1 - t0
-            first_token_at = None
-            sampler = Sampler(params)
-            on_device = params.device_argmax
-            steps = 0
-            while True:
-                if on_device:
-                    tok = self.decoder.argmax()
-                elif params.top_k and params.repetition_penalty == 1.0:
-                    tok = sampler.pick(*self.decoder.topk(params.top_k))  # k values + ids leave the device
-                else:  # repetition penalty, or sampling over the whole vocabulary: host logits
-                    tok = sampler(self.decoder.logits_numpy(), self._tokens)
-                out.append(tok)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                hit_stop = tok in stops
-                if detok is not None:
-                    delta = detok.put(tok)
-                    if len(out) == max_new_tokens or hit_stop:
-                        delta += detok.flush()
-                    emit, matched = matcher.feed(delta)
-                    if emit:
-                        text_parts.append(emit)
-                        if stream:
-                            yield emit
-                            self._check_owner(rid)
-                    if matched:
-                        finish = FINISH_STOP
-                        break
-                if hit_stop:
-                    finish = FINISH_STOP
-                    break
-                if len(out) == max_new_tokens:
-                    break
-                self._advance(tok, from_device=on_device)
-                steps += 1
-            if detok is not None and not matcher.matched:
-                tail = matcher.flush()
-                if tail:
-                    text_parts.append(tail)
-                    if stream:
-                        yield tail
-            t2 = time.perf_counter()
-            text = "".join(text_parts) if detok is not None else self.tokenizer.decode(out)
-            timings["decode"] = t2 - t1
-            timings["ttft"] = timings["preprocess"] + timings["vision"] + (first_token_at - t0)
-            timings["total"] = timings["preprocess"] + timings["vision"] + (t2 - t0)
-            timings["decode_steps"] = steps
-            timings["tokens_per_s"] = steps / (t2 - first_token_at) if steps and t2 > first_token_at else 0.0
-            result = GenerationResult(out, text, finish, timings, int(prep.ids.size), cached)
-            self.last_result = result
-            return result
-        except GeneratorExit:
-            raise
-        except RequestCancelled:
-            raise
+            self.decoder.prefill(slot.index, ids[keep:], feats, keep, long)
         except BaseException:
-            if self._active == rid:
-                self._forget()  # an unexpected failure mid-request: drop the possibly inconsistent cache
+            slot.forget()
             raise
-        finally:
-            if self._active == rid:
-                self._active = 0
+        c = self.counters
+        c["prefills"] += 1
+        c["prefill_tokens"] += int(ids.size) - keep
+        c["prefix_tokens_reused"] += keep
+        slot.tokens = [int(i) for i in ids]
+        slot.image_keys = list(prep.image_keys)
+        slot.long = long
 
-    def _check_owner(self, rid: int) -> None:
-        if self._active != rid:
-            raise RequestCancelled("this stream was ended by a newer request on the same runtime "
-                                   "(a runtime runs one request at a time)")
-
-    def _prefill(self, ids: np.ndarray, features: np.ndarray | None, reuse: int) -> int:
-        """Make the cache hold exactly `ids`, keeping the first `reuse` cached rows when the rope tables
-        allow it. Returns the number of rows kept."""
-        dec = self.decoder
-        long = self.long_rope == "always" or needs_long(self.rope, int(ids.size))
-        if dec.rope_long != long:
-            reuse = 0
-        keep = max(0, min(reuse, ids.size - 1, dec.cache.length))  # prefill at least one token: its logits
+    def _start(self, job: Job) -> None:
+        job.admitted = time.perf_counter()
+        self.counters["requests"] += 1
+        long = self._long_for(int(job.prep.ids.size))
+        slots, keep = self.scheduler.choose(job.prep.ids, job.prep.image_keys, long, job.n, job.reuse_prefix)
+        rows = []
+        for i, slot in enumerate(slots):
+            seed = job.params.seed
+            params = job.params if seed is None or i == 0 else _with_seed(job.params, seed + i)
+            row = Row(job, i, slot, Sampler(params), StreamDecoder(self.tokenizer), StopMatcher(job.stop_strings),
+                      logprobs=[] if job.logprobs is not None else None)
+            self.scheduler.take(row, slot)
+            rows.append(row)
+        t0 = time.perf_counter()
         try:
-            dec.cache.truncate(keep)
-            dec.set_rope(long)
-            skip = int((ids[:keep] < 0).sum())
-            dec.prefill(ids[keep:], None if features is None or features.shape[0] == skip else features[skip:])
+            self._prefill(slots[0], job.prep, keep, long)
+            for slot in slots[1:]:  # n > 1: one prefill, copied
+                self.decoder.copy_slot(slots[0].index, slot.index, int(job.prep.ids.size))
+                slot.tokens, slot.image_keys, slot.long = list(slots[0].tokens), list(slots[0].image_keys), long
         except BaseException:
-            self._forget()
+            for row in rows:
+                self.scheduler.release(row.slot, keep_tokens=False)
             raise
-        self._tokens = [int(i) for i in ids]
-        self._features = features
-        return keep
+        dt = time.perf_counter() - t0
+        logits = self.decoder.logits_rows(slots[0].index, 1)[0]
+        now = time.perf_counter()
+        for row in rows:
+            row.prefill_s, row.cached = dt, keep if row.index == 0 else 0
+            self.rows.append(row)
+            self._accept(row, self._sample(row, logits), logits, now)
 
-    def _advance(self, tok: int, from_device: bool) -> None:
-        """Feed the token just chosen; at the LongRoPE crossing, recompute everything with the long tables."""
-        total = len(self._tokens) + 1
-        if self.long_rope == "auto" and not self.decoder.rope_long and needs_long(self.rope, total):
-            ids = np.asarray(self._tokens + [tok], dtype=np.int64)
-            self._prefill(ids, self._features, reuse=0)
+    def _run_score(self, job: Job) -> None:
+        prep, cont = job.prep, job.continuation
+        long = self._long_for(int(prep.ids.size) + len(cont))
+        slot = self.scheduler.choose(prep.ids, prep.image_keys, long, 1, False)[0][0]
+        self.scheduler.take(job, slot)
+        try:
+            self._prefill(slot, prep, 0, long)
+            out = [self.decoder.logits_rows(slot.index, 1)[0].astype(np.float32)]
+            for tok in cont:
+                self.decoder.prefill(slot.index, np.array([tok]), None, len(slot.tokens), long)
+                slot.tokens.append(int(tok))
+                out.append(self.decoder.logits_rows(slot.index, 1)[0].astype(np.float32))
+        except BaseException:
+            self.scheduler.release(slot, keep_tokens=False)
+            raise
+        self.scheduler.release(slot)
+        job.future.set_result(np.stack(out))
+
+    def _step(self) -> None:
+        rows = [r for r in self.rows if r.finish is None]
+        if not rows:
             return
-        self.decoder.step(None if from_device else tok)
-        self._tokens.append(int(tok))
-
-    def _forget(self) -> None:
-        self.decoder.cache.reset()
-        self._tokens, self._features, self._images = [], None, []
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-def _image_list(images) -> list:
-    return image_list(images)  # one home: runtime/processor.py (numpy arrays are one image each)
-
-
-def _fingerprint(im) -> tuple:
-    """Identity of an image's content, to recognise images already encoded in this conversation."""
-    if isinstance(im, (str, os.PathLike)):
-        p = os.fspath(im)
+        batched = []
+        for row in rows:  # a row whose next position crosses the LongRoPE boundary: recomputed alone
+            total = len(row.slot.tokens) + 1
+            if self.long_rope == "auto" and not row.slot.long and needs_long(self.rope, total):
+                self._recompute_long(row)
+            else:
+                batched.append(row)
+        if not batched:
+            return
+        dec = self.decoder
+        b = dec.bucket_for(max(r.slot.index for r in batched) + 1)
+        tokens, positions, long = [0] * b, [None] * b, [False] * b
+        for r in batched:
+            i = r.slot.index
+            tokens[i], positions[i], long[i] = r.pending, len(r.slot.tokens), r.slot.long
         try:
-            st = os.stat(p)
-            return ("path", os.path.abspath(p), st.st_size, st.st_mtime_ns)
-        except OSError:
-            return ("path", p)  # unreadable: preprocess reports it
-    if isinstance(im, (bytes, bytearray, memoryview)):
-        return ("bytes", hashlib.sha1(bytes(im)).hexdigest())
-    if hasattr(im, "tobytes") and hasattr(im, "size") and hasattr(im, "mode"):
+            dec.step(b, tokens, positions, long)
+        except BaseException as e:
+            log.exception("decode step failed")
+            for r in batched:
+                self._fail_row(r, e)
+            return
+        self.counters["decode_steps"] += 1
+        for r in batched:
+            r.slot.tokens.append(int(r.pending))
+        greedy = [r for r in batched if r.sampler.params.device_argmax and r.logprobs is None]
+        picks = dec.argmax(0, b) if greedy else None
+        now = time.perf_counter()
+        for r in batched:
+            if picks is not None and r in greedy:
+                self._accept(r, int(picks[r.slot.index]), None, now)
+            else:
+                logits = dec.logits_rows(r.slot.index, 1)[0]
+                self._accept(r, self._sample(r, logits), logits, now)
+
+    def _recompute_long(self, row: Row) -> None:
+        slot = row.slot
+        ids = np.asarray(slot.tokens + [row.pending], dtype=np.int64)
+        prep = Prepared(ids, row.job.prep.features, slot.image_keys, {})
+        self.counters["long_recomputes"] += 1
         try:
-            return ("pil", im.mode, tuple(im.size), hashlib.sha1(im.tobytes()).hexdigest())
-        except Exception:
-            return ("obj", id(im))
-    return ("obj", id(im))
+            self._prefill(slot, prep, 0, True)
+        except BaseException as e:
+            log.exception("LongRoPE recompute failed")
+            self._fail_row(row, e)
+            return
+        logits = self.decoder.logits_rows(slot.index, 1)[0]
+        self._accept(row, self._sample(row, logits), logits, time.perf_counter())
 
+    # ---- per row: sampling, output, finishing --------------------------------------------------------
+    def _sample(self, row: Row, logits: np.ndarray) -> int:
+        if row.sampler.params.device_argmax:
+            return int(np.argmax(logits))
+        history = row.slot.tokens
+        return row.sampler(logits, history)
 
-def _image_order(ids: np.ndarray) -> list[int]:
-    """Image numbers k (ids -k) in the order of their first placeholder position."""
-    neg = ids[ids < 0]
-    if neg.size == 0:
-        return []
-    _, first = np.unique(neg, return_index=True)
-    return [int(-neg[i]) for i in sorted(first)]
-
-
-def _common_prefix(ids: np.ndarray, cached: list[int], same_images: int) -> int:
-    """Length of the common prefix of ids and the cached tokens; a placeholder of an image that is not one
-    of the first `same_images` (unchanged) images ends it."""
-    n = min(ids.size, len(cached))
-    if n == 0:
-        return 0
-    a = ids[:n]
-    b = np.asarray(cached[:n], dtype=np.int64)
-    bad = (a != b) | (a < -same_images)
-    idx = np.flatnonzero(bad)
-    return int(idx[0]) if idx.size else n
-
-
-def _parse_stop(stop) -> tuple[list[str], list[int]]:
-    if stop is None:
-        return [], []
-    if isinstance(stop, (str, int, np.integer)):
-        stop = [stop]
-    strings, ids = [], []
-    for s in stop:
-        if isinstance(s, str):
-            if not s:
-                raise InputError("stop strings must not be empty")
-            strings.append(s)
-        elif isinstance(s, (int, np.integer)) and not isinstance(s, bool):
-            ids.append(int(s))
+    def _accept(self, row: Row, tok: int, logits: np.ndarray | None, now: float) -> None:
+        job = row.job
+        row.out.append(tok)
+        if len(row.out) == 1:
+            row.first_token_at = now
+        lp = None
+        if row.logprobs is not None:
+            lp = _logprob(logits, tok, job.logprobs)
+            row.logprobs.append(lp)
+        hit_stop = tok in job.stops
+        last = hit_stop or len(row.out) == job.max_new_tokens
+        text = row.detok.put(tok)
+        if last:
+            text += row.detok.flush()
+        emit, matched = row.matcher.feed(text)
+        finish = FINISH_STOP if (matched or hit_stop) else (FINISH_LENGTH if last else None)
+        if finish is not None and not matched:
+            emit += row.matcher.flush()
+        row.text.append(emit)
+        job.handle._push(Delta(row.index, emit, [tok], [lp] if lp is not None else None, finish))
+        if finish is not None:
+            self._finish(row, finish, now, pushed=True)
         else:
-            raise InputError(f"stop entries must be strings or token ids, got {s!r}")
-    return strings, ids
+            row.pending = tok
+
+    def _finish(self, row: Row, reason: str, now: float, pushed: bool = False) -> None:
+        job = row.job
+        row.finish = reason
+        if not pushed:  # cancelled: the consumer still gets a last delta with the reason
+            job.handle._push(Delta(row.index, row.matcher.flush() if reason != FINISH_CANCELLED else "", [], None,
+                                   reason))
+        created = job.handle.created
+        first = row.first_token_at or now
+        steps = max(0, len(row.out) - 1)
+        t = dict(job.prep.timings)
+        t.update(queue=max(0.0, job.admitted - created - t.get("preprocess", 0) - t.get("vision", 0)),
+                 prefill=row.prefill_s, ttft=first - created, decode=now - first, total=now - created,
+                 decode_steps=steps, tokens_per_s=steps / (now - first) if steps and now > first else 0.0)
+        res = GenerationResult(list(row.out), "".join(row.text), reason, t, int(job.prep.ids.size), row.cached,
+                               row.logprobs, row.index, self.provider)
+        self.rows.remove(row)
+        self.scheduler.release(row.slot)
+        job.handle._finish_row(row.index, res)
+
+    def _fail_row(self, row: Row, error: BaseException) -> None:
+        if row in self.rows:
+            self.rows.remove(row)
+        row.finish = "error"
+        self.scheduler.release(row.slot, keep_tokens=False)
+        row.job.handle._fail(error)
 
 
-class _StopMatcher:
-    """Holds back text that could be the start of a stop string; reports a match (text cut before it)."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.pending = ""
-        self.matched = False
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        if not self.stops:
-            return delta, False
-        buf = self.pending + delta
-        hits = [(buf.find(s), s) for s in self.stops if s in buf]
-        if hits:
-            pos = min(h[0] for h in hits)
-            self.pending, self.matched = "", True
-            return buf[:pos], True
-        hold = 0
-        for s in self.stops:  # longest suffix of buf that is a proper prefix of a stop string
-            for j in range(min(len(s) - 1, len(buf)), 0, -1):
-                if buf.endswith(s[:j]):
-                    hold = max(hold, j)
-                    break
-        self.pending = buf[len(buf) - hold:] if hold else ""
-        return buf[: len(buf) - hold], False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+def _with_seed(p: SamplingParams, seed: int) -> SamplingParams:
+    return SamplingParams(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, seed)
 
 
-__all__ = ["Phi3VRuntime", "GenerationResult", "BundleError", "InputError", "ProviderError", "RequestCancelled"]
+def _logprob(logits: np.ndarray, tok: int, top: int) -> TokenLogprob:
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    alts: list[tuple[int, float]] = []
+    if top:
+        idx = np.argpartition(-x, top - 1)[:top]
+        idx = idx[np.lexsort((idx, -x[idx]))]
+        alts = [(int(i), float(x[i] - lse)) for i in idx]
+    return TokenLogprob(int(tok), float(x[tok] - lse), alts)
+
+
+__all__ = ["Engine", "GenerationResult", "RequestHandle", "Delta"]

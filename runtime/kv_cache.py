@@ -1,10 +1,15 @@
-"""Preallocated KV cache: one key and one value buffer [1, kv_heads, max_length, head_dim] per layer.
+"""Preallocated KV cache of `max_batch` slots: one key and one value buffer [max_batch, kv_heads, max_length,
+head_dim] per layer, allocated once per engine on the session's device.
 
-Allocated once per runtime on the session's device. Each buffer is bound both as the decoder's
-`past_key_values.{i}.*` input and as its `present.{i}.*` output: GroupQueryAttention sees the same address
-on both sides and appends the new rows in place (past/present share one buffer), so no step copies or
-allocates cache memory. The cache's contents past `length` are ignored by the graph (it reads `seqlens_k`),
-which makes `reset` and `truncate` free.
+A slot is one row of the batch dimension. Each call binds a view of these buffers: slot s alone ([1, ...] at
+row s: prefill of one request) or the first b slots ([b, ...]: a batched decode step over a bucket of b rows).
+A view is bound both as the decoder's `past_key_values.{i}.*` input and as its `present.{i}.*` output:
+GroupQueryAttention sees the same address on both sides and writes the new rows in place (past/present share
+one buffer), so no step copies or allocates cache memory. Rows of a slot past its `length` are ignored by the
+graph (it reads `seqlens_k`), which makes forgetting a slot free.
+
+Views are bound by address (IOBinding.bind_input / bind_output with a buffer pointer), which works the same on
+the CPU and on CUDA and keeps the addresses fixed for CUDA graph replay.
 """
 from __future__ import annotations
 
@@ -15,53 +20,50 @@ from . import bundle as fmt
 
 
 class KVCache:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_length: int, dtype=np.float16,
-                 device: str = "cpu", device_id: int = 0):
-        self.num_layers, self.kv_heads, self.head_dim, self.max_length = num_layers, kv_heads, head_dim, max_length
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_length: int, max_batch: int = 1,
+                 dtype=np.float16, device: str = "cpu", device_id: int = 0):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.max_length, self.max_batch = max_length, max_batch
         self.dtype = np.dtype(dtype)
         self.device, self.device_id = device, device_id
-        shape = [1, kv_heads, max_length, head_dim]
-        # keys[i], values[i]: OrtValue [1, kv_heads, max_length, head_dim] on the device, never reallocated
-        self.keys = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id)
-                     for _ in range(num_layers)]
-        self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id)
-                       for _ in range(num_layers)]
-        self.length = 0  # rows 0..length-1 of every buffer are valid
+        shape = [max_batch, kv_heads, max_length, head_dim]
+        self.slot_bytes = kv_heads * max_length * head_dim * self.dtype.itemsize  # one slot of one buffer
+        if device == "cpu":
+            # numpy owns the host memory (np.zeros: pages are touched only when written); OrtValues wrap it
+            self._host = [np.zeros(shape, self.dtype) for _ in range(2 * num_layers)]
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host]
+        else:
+            self._host = None
+            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id)
+                            for _ in range(2 * num_layers)]
+        self._ptr = [b.data_ptr() for b in self.buffers]  # buffers[2 i]: layer i keys, buffers[2 i + 1]: values
+        self.lengths = [0] * max_batch  # rows 0..length-1 of slot s are valid
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.num_layers * self.kv_heads * self.max_length * self.head_dim * self.dtype.itemsize
-
-    @property
-    def free(self) -> int:
-        return self.max_length - self.length
-
-    def reset(self) -> None:
-        """Forget every row (no memory is touched)."""
-        self.length = 0
-
-    def truncate(self, length: int) -> None:
-        """Keep the first `length` rows; the next write goes to row `length`."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a KV cache of length {self.length} to {length}")
-        self.length = length
-
-    def advance(self, n: int) -> None:
-        if self.length + n > self.max_length:
-            raise ValueError(f"KV cache overflow: {self.length} + {n} > max_length {self.max_length}")
-        self.length += n
-
-    def bind(self, binding: ort.IOBinding) -> None:
-        """Bind every layer's buffer as both past input and present output."""
+    def bind(self, binding: ort.IOBinding, start: int, rows: int) -> None:
+        """Bind slots start..start+rows-1 of every layer's buffers as both past input and present output."""
+        if not (0 <= start and start + rows <= self.max_batch and rows >= 1):
+            raise ValueError(f"slots {start}..{start + rows - 1} are outside the cache's {self.max_batch}")
+        shape = [rows, self.kv_heads, self.max_length, self.head_dim]
+        off = start * self.slot_bytes
         for i in range(self.num_layers):
-            pk, pv = fmt.past_names(i)
-            ok, ov = fmt.present_names(i)
-            binding.bind_ortvalue_input(pk, self.keys[i])
-            binding.bind_ortvalue_input(pv, self.values[i])
-            binding.bind_ortvalue_output(ok, self.keys[i])
-            binding.bind_ortvalue_output(ov, self.values[i])
+            for j, (past, present) in enumerate(zip(fmt.past_names(i), fmt.present_names(i))):
+                ptr = self._ptr[2 * i + j] + off
+                binding.bind_input(past, self.device, self.device_id, self.dtype, shape, ptr)
+                binding.bind_output(present, self.device, self.device_id, self.dtype, shape, ptr)
 
-    def layer_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of one layer's valid rows: (key, value) [1, kv_heads, length, head_dim] (tests, debugging)."""
-        return (self.keys[layer].numpy()[:, :, : self.length].copy(),
-                self.values[layer].numpy()[:, :, : self.length].copy())
+    def copy_slot(self, src: int, dst: int, rows: int, device_copy=None) -> None:
+        """Make slot dst hold the first `rows` rows of slot src (n > 1 rows sharing one prefill).
+        device_copy(src_ptr, dst_ptr, nbytes) does it on a device; on the CPU numpy copies the rows."""
+        if self._host is not None:
+            for a in self._host:
+                a[dst, :, :rows] = a[src, :, :rows]
+        else:
+            for p in self._ptr:
+                device_copy(p + src * self.slot_bytes, p + dst * self.slot_bytes, self.slot_bytes)
+        self.lengths[dst] = rows
+
+    def layer_numpy(self, layer: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of one layer's valid rows of one slot: (key, value) [1, kv_heads, length, head_dim]."""
+        n = self.lengths[slot]
+        k, v = (self.buffers[2 * layer + j].numpy()[slot: slot + 1, :, :n].copy() for j in range(2))
+        return k, v

@@ -136,20 +136,17 @@ def long_text(n_words: int) -> str:
     return "<|user|>\n" + " ".join(WORDS[i % len(WORDS)] for i in range(n_words)) + "<|end|>\n<|assistant|>\n"
 
 
-class PrefillCounter:
-    def __init__(self, monkeypatch, decoder):
-        self.calls = []
-        orig = decoder.prefill
-
-        def counting(ids, features=None):
-            self.calls.append((len(ids), decoder.cache.length, decoder.rope_long))
-            return orig(ids, features)
-
-        monkeypatch.setattr(decoder, "prefill", counting)
+def counters_after(rt, fn):
+    """The engine's counters that changed while fn() ran (prefills, prefill_tokens, long_recomputes, ...)."""
+    before = rt.stats()
+    out = fn()
+    after = rt.stats()
+    return out, {k: after[k] - before[k] for k in ("requests", "prefills", "prefill_tokens", "prefix_tokens_reused",
+                                                    "decode_steps", "long_recomputes")}
 
 
 @pytest.mark.parametrize("case", ["text", "image"])
-def test_longrope_crossing_matches_reference(lr, images, monkeypatch, case):
+def test_longrope_crossing_matches_reference(lr, images, case):
     rt, ref = lr["rt"], lr["ref"]
     if case == "text":
         prompt, imgs, crops = long_text(250), [], None
@@ -157,19 +154,14 @@ def test_longrope_crossing_matches_reference(lr, images, monkeypatch, case):
         prompt, imgs, crops = ONE, [Image.fromarray(np.asarray(images["a"])[:336, :336])], 1  # 313 image tokens
     n = rt.count_tokens(prompt, imgs, num_crops=crops)
     assert n <= ORIG < n + N, "the generation must cross the boundary"
-    spy = PrefillCounter(monkeypatch, rt.decoder)
-    r = rt.generate(prompt, imgs, max_new_tokens=N, stop_ids=(), num_crops=crops)
+    r, c = counters_after(rt, lambda: rt.generate(prompt, imgs, max_new_tokens=N, stop_ids=(), num_crops=crops))
     assert r.token_ids == reference_tokens(ref, rt, prompt, imgs, num_crops=crops)
     # one prompt prefill with the short tables, then one recompute of all ORIG + 1 tokens with the long ones
-    assert spy.calls == [(n, 0, False), (ORIG + 1, 0, True)]
-    # the recompute matters: without it the tokens differ
-    monkeypatch.setattr(rt, "long_rope", "never")  # no recompute, short tables throughout
-    wrong = rt.generate(prompt, imgs, max_new_tokens=N, stop_ids=(), num_crops=crops)
-    assert wrong.token_ids[: ORIG + 1 - n] == r.token_ids[: ORIG + 1 - n]
-    assert wrong.token_ids != r.token_ids
+    assert c["long_recomputes"] == 1 and c["prefills"] == 2 and c["prefill_tokens"] == n + ORIG + 1
+    assert c["decode_steps"] == N - 2  # every other token came from a batched decode step
 
 
-def test_longrope_prompt_past_boundary_and_always_mode(lr, monkeypatch):
+def test_longrope_prompt_past_boundary_and_always_mode(lr):
     rt, always, ref = lr["rt"], lr["always"], lr["ref"]
     prompt = long_text(300)
     assert rt.count_tokens(prompt) > ORIG
@@ -177,21 +169,21 @@ def test_longrope_prompt_past_boundary_and_always_mode(lr, monkeypatch):
     assert r.token_ids == reference_tokens(ref, rt, prompt)
     assert always.generate(prompt, max_new_tokens=N, stop_ids=()).token_ids == r.token_ids
     # "always" never recomputes, even when the generation crosses the boundary
-    spy = PrefillCounter(monkeypatch, always.decoder)
     short = long_text(250)
-    a = always.generate(short, max_new_tokens=N, stop_ids=())
-    assert len(spy.calls) == 1 and spy.calls[0][2] is True and len(a.token_ids) == N
+    a, c = counters_after(always, lambda: always.generate(short, max_new_tokens=N, stop_ids=()))
+    assert c["prefills"] == 1 and c["long_recomputes"] == 0 and len(a.token_ids) == N
 
 
 def test_chat_across_longrope_boundary(lr):
     """Turn 2 takes the conversation past the boundary: the short-table cache is rebuilt with the long tables."""
     rt = lr["rt"]
     turn1 = [{"role": "user", "content": " ".join(WORDS * 12)}]
-    r1 = rt.chat(turn1, max_new_tokens=8, stop_ids=())
-    assert rt.decoder.rope_long is False
+    r1, c1 = counters_after(rt, lambda: rt.chat(turn1, max_new_tokens=8, stop_ids=()))
+    assert r1.prompt_tokens + 8 <= ORIG and c1["long_recomputes"] == 0
     msgs = turn1 + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": " ".join(WORDS * 8)}]
     r2 = rt.chat(msgs, max_new_tokens=16, stop_ids=())
-    assert r2.prompt_tokens > ORIG and r2.cached_tokens == 0 and rt.decoder.rope_long is True
+    # the cached prefix was written with the short factors: nothing of it can serve a long-factor prompt
+    assert r2.prompt_tokens > ORIG and r2.cached_tokens == 0
     prompt, _ = build_prompt(msgs)
     assert r2.token_ids == rt.generate(prompt, max_new_tokens=16, stop_ids=()).token_ids
 
@@ -212,13 +204,13 @@ def test_two_turn_chat_equals_one_prompt(rt, images, monkeypatch):
     assert r2.token_ids == one.token_ids
     # the first image was not encoded again in turn 2: only image 2 went through vision.onnx
     calls = []
-    vision = rt.vision
+    vision = rt.engine.prepare.vision
 
     def spy(crops, layout):
         calls.append(len(crops))
         return vision(crops, layout)
 
-    monkeypatch.setattr(rt, "vision", spy)
+    monkeypatch.setattr(rt.engine.prepare, "vision", spy)
     rt.reset()
     rt.chat(turn1, max_new_tokens=16, stop_ids=())
     r3 = rt.chat(msgs, max_new_tokens=N, stop_ids=())
@@ -330,15 +322,13 @@ def test_cancelled_stream_frees_the_request(rt, baseline):
     next(s)
     next(s)
     s.close()
-    assert rt._active == 0
     assert_usable(rt, baseline)
-    # a newer request ends an unfinished stream: resuming it raises, the newer one is unaffected
+    assert rt.stats()["running"] == 0 and rt.stats()["waiting"] == 0
+    # an unfinished stream and a newer request: both complete, each with its own answer
     s = rt.stream(TEXT, max_new_tokens=N, stop_ids=())
     first = next(s)
     assert_usable(rt, baseline)
-    with pytest.raises(RequestCancelled):
-        next(s)
-    assert first and rt._active == 0
+    assert first + "".join(s) == baseline.text
     # a chat stream closed half way leaves a consistent conversation: the next turn still matches a fresh run
     rt.reset()
     msgs = [{"role": "user", "content": "Tell me about the sea."}]
@@ -415,16 +405,16 @@ def test_failure_inside_the_loop_leaves_runtime_usable(rt, baseline, monkeypatch
     calls = {"n": 0}
     orig = rt.decoder.step
 
-    def flaky(token=None):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 5:
             raise RuntimeError("simulated ONNX Runtime failure")
-        return orig(token)
+        return orig(*args)
 
     monkeypatch.setattr(rt.decoder, "step", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         rt.generate(TEXT, max_new_tokens=N, stop_ids=())
-    assert rt.cache_length == 0 and rt._active == 0
+    assert rt.stats()["running"] == 0 and rt.stats()["free_slots"] == rt.max_batch
     monkeypatch.setattr(rt.decoder, "step", orig)
     assert_usable(rt, baseline)
 
@@ -512,12 +502,23 @@ def test_bad_constructor_arguments(tiny_bundle):
 
 
 # ---- the hot path: no allocation, fixed buffers ---------------------------------------------------
-def test_decode_steps_allocate_nothing(rt, baseline, monkeypatch):
+@pytest.fixture(scope="module")
+def decoder(rt, tiny_bundle):
+    """A Decoder of its own (2 slots), driven directly: the engine's loop thread owns the runtime's."""
+    from phi3v_edge.runtime.decode import Decoder
+
+    return Decoder(Path(tiny_bundle) / "decoder.onnx", rt.rope, 256, "cpu", max_batch=2)
+
+
+def test_decode_steps_allocate_nothing(decoder, rt, monkeypatch):
     import onnxruntime as ort
 
-    dec = rt.decoder
-    ptrs = [dec.cache.keys[0].data_ptr(), dec.logits.data_ptr(), dec.step_ids.data_ptr(), dec.cos.data_ptr()]
-    rt.generate(TEXT, max_new_tokens=4, stop_ids=())
+    dec = decoder
+    ids = rt.processor.tokenize(TEXT, [])[0]
+    dec.prefill(0, ids, None, 0, False)
+    dec.prefill(1, ids[:5], None, 0, False)
+    dec.step(2, [7, 9], [ids.size, 5], [False, False])  # binds bucket 2 once
+    ptrs = [b.data_ptr() for b in dec.cache.buffers] + [dec.logits.ptr, dec.step_ids.ptr, dec.cos.data_ptr()]
     counts = {"n": 0}
 
     def forbidden(*a, **k):
@@ -528,25 +529,29 @@ def test_decode_steps_allocate_nothing(rt, baseline, monkeypatch):
     monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type", forbidden)
     monkeypatch.setattr(dec.session, "io_binding", forbidden)
     for _ in range(5):
-        tok = dec.argmax()
-        dec.step()
-        assert 0 <= tok < dec.vocab_size
+        toks = dec.argmax(0, 2)
+        dec.step(2, [int(toks[0]), int(toks[1])], list(dec.cache.lengths), [False, False])
+        assert all(0 <= t < dec.vocab_size for t in toks)
     monkeypatch.undo()
-    assert counts["n"] == 0
-    assert ptrs == [dec.cache.keys[0].data_ptr(), dec.logits.data_ptr(), dec.step_ids.data_ptr(), dec.cos.data_ptr()]
-    assert_usable(rt, baseline)
+    assert counts["n"] == 0 and dec.cache.lengths == [ids.size + 6, 11]
+    assert ptrs == [b.data_ptr() for b in dec.cache.buffers] + [dec.logits.ptr, dec.step_ids.ptr, dec.cos.data_ptr()]
 
 
-def test_kv_cache_rows_match_a_fresh_prefill(rt):
-    """Incremental decode writes the same K/V rows as one prefill over the same tokens."""
-    r = rt.generate(TEXT, max_new_tokens=8, stop_ids=())
-    k_inc, v_inc = rt.decoder.cache.layer_numpy(1)
-    ids = rt._tokens
-    assert len(ids) == r.prompt_tokens + 7 == rt.cache_length
-    rt.reset()
-    rt.decoder.prefill(np.asarray(ids))
-    k_one, v_one = rt.decoder.cache.layer_numpy(1)
-    rt.reset()
+def test_kv_cache_rows_match_a_fresh_prefill(decoder, rt):
+    """Incremental decode in slot 0 (next to a busy slot 1) writes the same K/V rows as one prefill over the
+    same tokens in slot 1."""
+    dec = decoder
+    ids = list(rt.processor.tokenize(TEXT, [])[0])
+    dec.prefill(0, np.asarray(ids), None, 0, False)
+    dec.prefill(1, np.asarray(ids[:3]), None, 0, False)
+    for _ in range(7):
+        tok = int(dec.argmax(0, 1)[0])
+        dec.step(2, [tok, 5], [len(ids), dec.cache.lengths[1]], [False, False])
+        ids.append(tok)
+    k_inc, v_inc = dec.cache.layer_numpy(1, slot=0)
+    dec.prefill(1, np.asarray(ids), None, 0, False)
+    k_one, v_one = dec.cache.layer_numpy(1, slot=1)
+    assert k_inc.shape[2] == len(ids) == k_one.shape[2]
     np.testing.assert_allclose(k_inc, k_one, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(v_inc, v_one, rtol=1e-4, atol=1e-5)
 
