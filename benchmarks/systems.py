@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .measure import (GpuMemorySampler, bundle_decoder_weight_bytes, decoder_bytes_per_step, median,
-                      peak_rss_gib)
+                      mem_available_gib, peak_rss_gib)
 
 FILLER = "The quick brown fox jumps over the lazy dog while the patient cat watches from the old wooden fence. "
 
@@ -65,16 +65,46 @@ def _median_timings(runs: list[dict]) -> dict:
 
 
 # ---- phi3v-edge --------------------------------------------------------------------------------------
+def _with_session_config(entries: dict) -> None:
+    """Benchmark candidates only: add ONNX Runtime session config entries (e.g. thread spinning) and session
+    attributes (keys starting with "so.", e.g. so.enable_cpu_mem_arena) to every session this process makes."""
+    from phi3v_edge.runtime import session as sess
+
+    base = sess.session_options
+
+    def patched(*args, **kwargs):
+        so = base(*args, **kwargs)
+        for k, v in entries.items():
+            if k.startswith("so."):
+                setattr(so, k[3:], v)
+            else:
+                so.add_session_config_entry(k, str(v))
+        return so
+
+    sess.session_options = patched
+
+
+def export_options(manifest: dict) -> dict:
+    """What the bundle was exported with (the row says which bundle it timed)."""
+    dec, vis = manifest["decoder"], manifest["vision"]
+    return {"block_size": dec.get("block_size"), "accuracy_level": dec.get("accuracy_level", 0),
+            "vision_precision": vis.get("precision"), "lm_head_precision": dec.get("lm_head_precision"),
+            "embedding_precision": dec.get("embedding_precision")}
+
+
 def run_edge(spec: dict) -> dict:
     from phi3v_edge.runtime import Phi3VRuntime
     from phi3v_edge.runtime.bundle import load_manifest
+    from phi3v_edge.runtime.threads import default_threads
 
     dev = spec["device"]
     bundle = Path(spec["bundle"])
     manifest = load_manifest(bundle)
-    row = {}
+    if spec.get("session_config"):
+        _with_session_config(spec["session_config"])
+    row = {"export": export_options(manifest), "threads": default_threads(spec.get("threads"))}
     with GpuMemorySampler() as mem:
-        rt = Phi3VRuntime(bundle, provider=dev, max_length=spec["max_length"],
+        rt = Phi3VRuntime(bundle, provider=dev, max_length=spec["max_length"], threads=spec.get("threads"),
                           cuda_graph=spec.get("cuda_graph") if dev == "cuda" else None)
         prompt, images = image_prompt()
         for crops in spec["crops"]:
@@ -91,14 +121,17 @@ def run_edge(spec: dict) -> dict:
         count = lambda p: rt.count_tokens(p)  # noqa: E731
         for label, ctx in spec["contexts"].items():
             p = filler_prompt(count, ctx)
-            rates, ids = [], None
+            rates, prefills, ids = [], [], None
             for i in range(spec["warmup"] + spec["runs"]):
                 res = rt.generate(p, max_new_tokens=spec["new_tokens"], stop_ids=())
                 if i >= spec["warmup"]:
                     rates.append(res.timings["tokens_per_s"])  # the runtime's own decode rate
+                    # prompt in -> first token out (prefill + its argmax), as onnxruntime-genai's row counts it
+                    prefills.append(res.timings["ttft"] - res.timings["preprocess"] - res.timings["vision"])
                 ids = res.token_ids
             rate = median(rates)
-            row[f"decode_tok_s_{label}"] = round(rate, 1)
+            row[f"decode_tok_s_{label}"] = round(rate, 2)
+            row[f"prefill_ms_{label}"] = round(1e3 * median(prefills), 1)
             row[f"context_{label}"] = res.prompt_tokens
             row[f"greedy_ids_{label}"] = ids
             step_bytes = decoder_bytes_per_step(bundle_decoder_weight_bytes(bundle, manifest), manifest["decoder"]["num_layers"],
@@ -106,6 +139,7 @@ def run_edge(spec: dict) -> dict:
                                                 res.prompt_tokens + spec["new_tokens"] // 2,
                                                 2 if manifest["decoder"].get("io_dtype") == "float16" else 4)
             row[f"achieved_gbps_{label}"] = round(step_bytes * rate / 1e9, 1)
+            row[f"step_gb_{label}"] = round(step_bytes / 1e9, 3)
     row["peak_gpu_gib"] = mem.peak_gib
     row["peak_rss_gib"] = peak_rss_gib()
     row["bundle_gb"] = round(sum(v["bytes"] for v in manifest["files"].values()) / 1e9, 3)
@@ -139,7 +173,7 @@ def run_torch(spec: dict, nf4: bool = False) -> dict:
     dev = spec["device"]
     if nf4 and dev != "cuda":
         raise RuntimeError("bitsandbytes NF4 needs CUDA")
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec.get("torch_dtype") or ("bf16" if dev == "cuda" else "fp32")]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     row = {}
     with GpuMemorySampler() as mem, torch.no_grad():
@@ -171,19 +205,22 @@ def run_torch(spec: dict, nf4: bool = False) -> dict:
         n_layers = len(model.model.layers)
         for label, ctx in spec["contexts"].items():
             ids = torch.from_numpy(proc(filler_prompt(count, ctx)).input_ids).to(dev)
-            rates = []
+            rates, prefills = [], []
             for i in range(spec["warmup"] + spec["runs"]):
                 cache = KVCache(n_layers)
+                tp = time.perf_counter()
                 tok = int(model(input_ids=ids, cache=cache).logits[0, -1].argmax())
                 sync()
                 t0 = time.perf_counter()
+                prefills.append(t0 - tp)
                 for _ in range(spec["new_tokens"] - 1):
                     tok = int(model(input_ids=torch.tensor([[tok]], device=dev), cache=cache).logits[0, -1].argmax())
                 dt = time.perf_counter() - t0
                 if i >= spec["warmup"]:
                     rates.append((spec["new_tokens"] - 1) / dt)
             rate = median(rates)
-            row[f"decode_tok_s_{label}"] = round(rate, 1)
+            row[f"decode_tok_s_{label}"] = round(rate, 2)
+            row[f"prefill_ms_{label}"] = round(1e3 * median(prefills[spec["warmup"]:]), 1)
             row[f"context_{label}"] = int(ids.shape[1])
             cfg = model.config
             wbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -199,28 +236,96 @@ def run_torch(spec: dict, nf4: bool = False) -> dict:
 
 
 # ---- onnxruntime-genai (decoder only, its own builder, same weights) ---------------------------------
-def text_only_checkpoint(src: Path, dst: Path) -> Path:
-    """The decoder of our Phi-3.5-vision checkpoint as a plain Phi3ForCausalLM checkpoint (same tensors)."""
-    from safetensors.torch import save_file
+TEXT_CONFIG_DROP = ("img_processor", "embd_layer", "auto_map", "_attn_implementation", "attn_implementation",
+                    "_name_or_path")
 
-    from phi3v_edge.models.checkpoint import CheckpointReader
+
+def text_only_checkpoint(src: Path, dst: Path) -> Path:
+    """The decoder of our Phi-3.5-vision checkpoint as a plain Phi3ForCausalLM checkpoint: the same shard
+    files (symlinked: no copy, no memory), an index listing only the decoder tensors, a phi3 config.
+
+    The config drops the vision sections and `_attn_implementation` (the real config says
+    flash_attention_2, which would make onnxruntime-genai's builder ask for flash-attn); LongRoPE's "su"
+    becomes "longrope"."""
+    from phi3v_edge.models.checkpoint import INDEX_FILE, CheckpointReader
     from phi3v_edge.models.config import ASSETS_DIR, Phi3VConfig
 
     if (dst / "config.json").is_file():
         return dst
     dst.mkdir(parents=True, exist_ok=True)
     cfg = Phi3VConfig.from_json(src)
-    reader = CheckpointReader(src)
-    state = {k: reader.get(k) for k in reader.keys() if not k.startswith("model.vision_embed_tokens")}
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    d = {k: v for k, v in cfg.to_dict().items() if k not in ("img_processor", "embd_layer", "auto_map")}
+    keys = [k for k in CheckpointReader(src).keys() if not k.startswith("model.vision_embed_tokens")]
+    index = src / INDEX_FILE
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        wm = {k: wm[k] for k in keys}
+    else:  # one unsharded file
+        wm = {k: "model.safetensors" for k in keys}
+    for f in sorted(set(wm.values())):
+        (dst / f).unlink(missing_ok=True)
+        (dst / f).symlink_to((src / f).resolve())
+    (dst / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": wm}, indent=2))
+    d = {k: v for k, v in cfg.to_dict().items() if k not in TEXT_CONFIG_DROP}
     d.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
     if d.get("rope_scaling"):
-        d["rope_scaling"]["type"] = "longrope"
+        d["rope_scaling"] = dict(d["rope_scaling"], type="longrope")
     (dst / "config.json").write_text(json.dumps(d, indent=2))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         p = src / f if (src / f).is_file() else ASSETS_DIR / f
-        (dst / f).write_bytes(p.read_bytes())
+        if p.is_file():
+            (dst / f).write_bytes(p.read_bytes())
+    return dst
+
+
+def build_ort_genai(ck: Path, out: Path, dev: str, cache: Path) -> dict:
+    """onnxruntime-genai's own builder, int4, in a child process; its wall time and peak RSS (the builder
+    holds the whole model: over 20 GB for the full-size one)."""
+    import resource
+
+    extra = ["--extra_options", "enable_cuda_graph=1"] if dev == "cuda" else []
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ck), "-o", str(out),
+                        "-p", "int4", "-e", dev, "-c", str(cache)] + extra,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if r.returncode:
+        raise RuntimeError(f"onnxruntime-genai builder failed: {r.stderr[-800:]}")
+    info = {"build_s": round(time.perf_counter() - t0, 1),
+            "build_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20, 3)}
+    (out / "phi3v_edge_build.json").write_text(json.dumps(info))
+    return info
+
+
+def genai_graph_facts(model_dir: Path) -> dict:
+    """From the built decoder graph: the embedding table's bytes (gathered, not streamed; fp32 on the CPU,
+    fp16 on CUDA) and the MatMulNBits accuracy_level / block size its builder chose."""
+    import onnx
+
+    cfg = json.loads((model_dir / "genai_config.json").read_text())
+    m = onnx.load(str(model_dir / cfg["model"]["decoder"]["filename"]), load_external_data=False)
+    itemsize = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+                onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1}
+    emb = sum(int(np.prod(t.dims)) * itemsize.get(t.data_type, 4) for t in m.graph.initializer
+              if "embed_tokens" in t.name)
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    attr = lambda n, k: next((a.i for a in n.attribute if a.name == k), None)  # noqa: E731
+    return {"embedding_bytes": emb,
+            "accuracy_level": sorted({attr(n, "accuracy_level") or 0 for n in nbits}),
+            "block_size": sorted({attr(n, "block_size") for n in nbits})}
+
+
+def genai_with_threads(model_dir: Path, threads: int | None) -> Path:
+    """The model directory as is (threads None: onnxruntime-genai's defaults), or a sibling that links its
+    files and sets decoder session_options.intra_op_num_threads in genai_config.json."""
+    if not threads:
+        return model_dir
+    dst = model_dir.with_name(f"{model_dir.name}-t{threads}")
+    dst.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "genai_config.json" and not (dst / f.name).exists():
+            (dst / f.name).symlink_to(f.resolve())
+    cfg = json.loads((model_dir / "genai_config.json").read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = int(threads)
+    (dst / "genai_config.json").write_text(json.dumps(cfg, indent=2))
     return dst
 
 
@@ -232,27 +337,32 @@ def run_ort_genai(spec: dict) -> dict:
     ck = text_only_checkpoint(Path(spec["checkpoint"]), work / "og_ckpt")
     out = work / f"og_int4_{dev}"
     if not (out / "genai_config.json").is_file():
-        t0 = time.perf_counter()
-        extra = ["--extra_options", "enable_cuda_graph=1"] if dev == "cuda" else []
-        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ck), "-o", str(out),
-                            "-p", "int4", "-e", dev, "-c", str(work / "og_cache")] + extra,
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if r.returncode:
-            raise RuntimeError(f"onnxruntime-genai builder failed: {r.stderr[-800:]}")
-        build_s = time.perf_counter() - t0
-    else:
-        build_s = None
-    row = {"build_s": round(build_s, 1) if build_s else None}
-    rng = np.random.default_rng(0)
+        need, avail = float(spec.get("build_min_avail_gb") or 0), mem_available_gib()
+        if avail is not None and avail < need:
+            raise RuntimeError(f"onnxruntime-genai's builder not run: it needs about {need:g} GB and "
+                               f"{avail:.1f} GiB is available (--genai-build-min-gb)")
+        build = build_ort_genai(ck, out, dev, work / "og_cache")
+    else:  # built by an earlier run: report that run's figures
+        f = out / "phi3v_edge_build.json"
+        build = dict(json.loads(f.read_text()), reused=True) if f.is_file() else {}
+    facts = genai_graph_facts(out)
+    row = {**build, "threads": spec.get("threads") or "default", "export": {
+        "accuracy_level": facts["accuracy_level"], "block_size": facts["block_size"]}}
+    from phi3v_edge.runtime.processor import Phi3VProcessor
+
+    proc = Phi3VProcessor.from_pretrained(spec["checkpoint"])
+    count = lambda p: proc(p).input_ids.shape[1]  # noqa: E731
     with GpuMemorySampler() as mem:
-        model = og.Model(str(out))
+        model = og.Model(str(genai_with_threads(out, spec.get("threads"))))
         for label, ctx in spec["contexts"].items():
-            ids = rng.integers(100, 32000, size=ctx).astype(np.int32)
+            # the prompt run_edge times, as the same ids (phi3v-edge's processor: BOS per text chunk)
+            ids = proc(filler_prompt(count, ctx)).input_ids[0].astype(np.int32)
+            n_prompt = int(ids.size)
             rates, prefills = [], []
             for i in range(spec["warmup"] + spec["runs"]):
                 params = og.GeneratorParams(model)
-                params.set_search_options(max_length=ctx + spec["new_tokens"], min_length=ctx + spec["new_tokens"],
-                                          do_sample=False)
+                total = n_prompt + spec["new_tokens"]
+                params.set_search_options(max_length=total, min_length=total, do_sample=False)
                 gen = og.Generator(model, params)
                 t0 = time.perf_counter()
                 gen.append_tokens(ids)
@@ -263,23 +373,27 @@ def run_ort_genai(spec: dict) -> dict:
                     gen.generate_next_token()
                     n += 1
                 t2 = time.perf_counter()
+                generated = [int(t) for t in gen.get_sequence(0)[n_prompt:]]
                 del gen
                 if i >= spec["warmup"]:
                     rates.append(n / (t2 - t1))
                     prefills.append(t1 - t0)
-            row[f"decode_tok_s_{label}"] = round(median(rates), 1)
-            row[f"prefill_ms_{label}"] = round(1e3 * median(prefills), 2)
-            row[f"context_{label}"] = ctx
+            row[f"greedy_ids_{label}"] = generated
+            rate = median(rates)
+            row[f"decode_tok_s_{label}"] = round(rate, 2)
+            row[f"prefill_ms_{label}"] = round(1e3 * median(prefills), 1)
+            row[f"context_{label}"] = n_prompt
             data = sum(p.stat().st_size for p in out.glob("*.onnx*"))
             cfg = json.loads((ck / "config.json").read_text())
-            emb = cfg["vocab_size"] * cfg["hidden_size"] * 2
-            step = decoder_bytes_per_step(data - emb, cfg["num_hidden_layers"], cfg["num_key_value_heads"],
-                                          cfg["hidden_size"] // cfg["num_attention_heads"], ctx + spec["new_tokens"] // 2,
-                                          2 if dev == "cuda" else 4)
-            row[f"achieved_gbps_{label}"] = round(step * median(rates) / 1e9, 1)
+            step = decoder_bytes_per_step(data - facts["embedding_bytes"], cfg["num_hidden_layers"],
+                                          cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"],
+                                          n_prompt + spec["new_tokens"] // 2, 2 if dev == "cuda" else 4)
+            row[f"achieved_gbps_{label}"] = round(step * rate / 1e9, 1)
+            row[f"step_gb_{label}"] = round(step / 1e9, 3)
     row["peak_gpu_gib"] = mem.peak_gib
     row["peak_rss_gib"] = peak_rss_gib()
-    row["bundle_gb"] = round(sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9, 3)
+    row["bundle_gb"] = round(sum(p.stat().st_size for p in out.iterdir()
+                                 if p.is_file() and p.name != "phi3v_edge_build.json") / 1e9, 3)
     return row
 
 
@@ -304,8 +418,7 @@ def run_check(spec: dict) -> dict:
 
     cases = {"text": build_prompt([{"role": "user", "content": FILLER * 4}]), "image": image_prompt()}
     for name, (prompt, images) in cases.items():
-        rt.generate(prompt, images=images or None, max_new_tokens=1, stop_ids=())
-        got = rt.decoder.logits_numpy().astype(np.float64).ravel()
+        got = rt.score(prompt, images or None)[0].astype(np.float64).ravel()
         p = proc(prompt, images=images or None)
         with torch.no_grad():
             kw = {}
