@@ -25,13 +25,14 @@ import binascii
 import io
 import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from .chat_template import build_prompt
+from .chat_template import build_prompt, image_tag
 from .errors import InputError
 from .image_transform import DEFAULT_MAX_PIXELS, DEFAULT_NUM_CROPS, check_num_crops, num_image_tokens_for
 
@@ -256,15 +257,21 @@ class Budget:
 
 
 def frame_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max_length: int, max_new_tokens: int,
-                 text: str = "", system: str | None = None, image_tokens_before: Sequence[int] = ()) -> Budget:
+                 text: str = "", system: str | None = None, image_tokens_before: Sequence[int] = (),
+                 prompt_for: Callable[[int], str] | None = None) -> Budget:
     """Prompt tokens of `num_frames` frames of this clip at num_crops (no pixel work: tokenize the prompt with
-    the frames' placeholder counts) and the most frames that fit max_length with max_new_tokens left."""
+    the frames' placeholder counts) and the most frames that fit max_length with max_new_tokens left.
+
+    The prompt with n frames is prompt_for(n), by default clip_prompt(text, n, system) after the images whose
+    token counts are image_tokens_before."""
     tpf = num_image_tokens_for(info.width, info.height, num_crops)
     before = list(image_tokens_before)
+    if prompt_for is None:
+        def prompt_for(n: int) -> str:
+            return clip_prompt(text, n, system, [None] * len(before))
 
     def length(n: int) -> int:
-        prompt = clip_prompt(text, n, system, [None] * len(before))
-        return int(processor.tokenize(prompt, before + [tpf] * n).size)
+        return int(processor.tokenize(prompt_for(n), before + [tpf] * n).size)
 
     room = max_length - max_new_tokens
     l1 = length(1)
@@ -276,10 +283,11 @@ def frame_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max
 
 
 def check_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max_length: int, max_new_tokens: int,
-                 text: str = "", system: str | None = None, image_tokens_before: Sequence[int] = ()) -> Budget:
+                 text: str = "", system: str | None = None, image_tokens_before: Sequence[int] = (),
+                 prompt_for: Callable[[int], str] | None = None) -> Budget:
     """frame_budget, raising VideoError with the numbers and what to change when the frames do not fit."""
     b = frame_budget(processor, info, num_frames, num_crops, max_length, max_new_tokens, text, system,
-                     image_tokens_before)
+                     image_tokens_before, prompt_for)
     if b.fits:
         return b
     need = b.prompt_tokens + max_new_tokens
@@ -287,7 +295,7 @@ def check_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max
              else f"fewer frames (not even one fits at num_crops {num_crops})"]
     if num_crops > 1:
         one = frame_budget(processor, info, num_frames, 1, max_length, max_new_tokens, text, system,
-                           image_tokens_before)
+                           image_tokens_before, prompt_for)
         fixes.append(f"fewer crops (num_crops 1: {one.tokens_per_frame} tokens a frame, {one.max_frames} frames fit)")
     fixes.append(f"a larger max_length (at least {need})")
     raise VideoError(
@@ -364,6 +372,60 @@ def video_request(processor, source: VideoSource, text: str, *, frames: int | No
     images = list(images) + clip.frames
     prompt = clip_prompt(text, len(clip), system, list(images[:len(before)]))
     return VideoRequest(prompt, images, clip.timestamps, b.prompt_tokens, b.tokens_per_frame, info, clip.frames)
+
+
+VIDEO_TAG = "<|video|>"  # optional: where the frames' placeholders go in a prompt given with video=
+_USER = "<|user|>\n"
+
+
+def insert_frames(prompt: str, num_images: int, num_frames: int) -> str:
+    """The prompt with placeholders <|image_{num_images+1}|> .. for the frames: in place of <|video|> when the
+    prompt holds it (once), else at the start of the last user turn, after the placeholders already there
+    (build_prompt's layout: a message's images, then its text)."""
+    tags = [image_tag(num_images + k) for k in range(1, num_frames + 1)]
+    count = prompt.count(VIDEO_TAG)
+    if count > 1:
+        raise VideoError(f"the prompt holds {VIDEO_TAG} {count} times: one clip per request, one {VIDEO_TAG}")
+    if count == 1:
+        return prompt.replace(VIDEO_TAG, "\n".join(tags))
+    at = prompt.rfind(_USER)
+    if at < 0:
+        raise VideoError(f"the prompt has no {_USER.strip()} turn for the clip's frames: write {VIDEO_TAG} where "
+                         "they go (or build the prompt with build_prompt)")
+    at += len(_USER)
+    m = _LEADING_TAGS.match(prompt, at)
+    at = m.end() if m else at
+    return prompt[:at] + "".join(t + "\n" for t in tags) + prompt[at:]
+
+
+_LEADING_TAGS = re.compile(r"(?:<\|image_\d+\|>\n)+")
+
+
+def prompt_video(processor, prompt: str, images, source: VideoSource, *, frames: int | None = None,
+                 fps: float | None = None, num_crops: int | None = None, max_length: int, max_new_tokens: int,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> VideoRequest:
+    """A full model prompt (with <|image_k|> for `images`, and optionally <|video|>) and a clip -> the prompt
+    with the frames' placeholders (insert_frames) and the images followed by the frames. Budget-checked
+    before decoding, like video_request: what Phi3VRuntime.generate(prompt, images, video=...) runs."""
+    from .processor import check_placeholders, image_list  # noqa: PLC0415
+
+    if not isinstance(prompt, str):
+        raise VideoError(f"prompt must be a str, got {type(prompt).__name__}")
+    check_sampling(frames, fps)
+    images = image_list(images)
+    try:
+        check_placeholders(prompt.replace(VIDEO_TAG, ""), len(images))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    crops = getattr(processor, "num_crops", DEFAULT_NUM_CROPS) if num_crops is None else check_num_crops(num_crops)
+    info = probe(source, max_pixels)
+    idx = sample_indices(info, frames, fps)
+    before = _image_tokens(processor, images, crops)
+    b = check_budget(processor, info, len(idx), crops, max_length, max_new_tokens, image_tokens_before=before,
+                     prompt_for=lambda n: insert_frames(prompt, len(images), n))
+    clip = decode_frames(source, info, idx)
+    return VideoRequest(insert_frames(prompt, len(images), len(clip)), images + clip.frames, clip.timestamps,
+                        b.prompt_tokens, b.tokens_per_frame, info, clip.frames)
 
 
 def _image_tokens(processor, images: Sequence, num_crops: int) -> list[int]:

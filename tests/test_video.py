@@ -319,3 +319,41 @@ def test_chat_video_command(clips, tiny_bundle, as_images, monkeypatch, capsys):
     assert rc == 0, err
     assert "no such file: the video was not added" in err and "3 frames at 0.20, 1.00, 1.60 s attached" in err
     assert out.strip() == as_images[1].text.strip()
+
+
+# ------------------------------------------------------------------- a clip in a full model prompt
+
+
+@pytest.mark.parametrize("prompt, m, n, want", [
+    ("<|user|>\nWhat happens?<|end|>\n<|assistant|>\n", 0, 2,
+     "<|user|>\n<|image_1|>\n<|image_2|>\nWhat happens?<|end|>\n<|assistant|>\n"),
+    ("<|user|>\n<|image_1|>\nAnd this?<|end|>\n<|assistant|>\n", 1, 2,
+     "<|user|>\n<|image_1|>\n<|image_2|>\n<|image_3|>\nAnd this?<|end|>\n<|assistant|>\n"),
+    ("<|user|>\nFirst<|end|>\n<|assistant|>\nOk<|end|>\n<|user|>\nThen?<|end|>\n<|assistant|>\n", 0, 1,
+     "<|user|>\nFirst<|end|>\n<|assistant|>\nOk<|end|>\n<|user|>\n<|image_1|>\nThen?<|end|>\n<|assistant|>\n"),
+    ("<|user|>\nClip: <|video|>\nPhoto: <|image_1|>\n?<|end|>\n", 1, 2,
+     "<|user|>\nClip: <|image_2|>\n<|image_3|>\nPhoto: <|image_1|>\n?<|end|>\n"),
+])
+def test_insert_frames(prompt, m, n, want):
+    assert V.insert_frames(prompt, m, n) == want
+
+
+@pytest.mark.parametrize("prompt, words", [("<|video|><|video|>", "one clip per request"),
+                                           ("no turns here", "no <|user|> turn")])
+def test_insert_frames_errors(prompt, words):
+    with pytest.raises(V.VideoError, match=words):
+        V.insert_frames(prompt, 0, 2)
+
+
+def test_prompt_video_tokens_equal_the_same_frames_as_images(clips, rt, as_images):
+    prompt, _ = build_prompt([{"role": "user", "content": "What happens?"}])
+    req = V.prompt_video(rt.processor, prompt, None, clips["mp4"], frames=3, num_crops=1, max_length=rt.max_length,
+                         max_new_tokens=6)
+    r = rt.generate(req.prompt, req.images, num_crops=1, max_new_tokens=6, stop_ids=())
+    assert r.token_ids == as_images[1].token_ids and req.timestamps == pytest.approx([0.2, 1.0, 1.6])
+    with pytest.raises(V.VideoError, match="max_length 4096"):
+        V.prompt_video(rt.processor, prompt, None, clips["mp4"], frames=10, num_crops=4, max_length=rt.max_length,
+                       max_new_tokens=6)
+    with pytest.raises(ValueError, match="placeholder"):  # placeholders must match the images given
+        V.prompt_video(rt.processor, "<|user|>\n<|image_1|>\nx<|end|>\n", None, clips["mp4"], frames=2,
+                       max_length=rt.max_length, max_new_tokens=6)
