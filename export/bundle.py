@@ -5,11 +5,13 @@ so a failed or interrupted export never leaves something that looks like a bundl
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +28,8 @@ BLOCK_SIZES = (32, 64, 128)
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits accuracy_level: 0 = fp32 activations, 4 = int8 activations (CPU kernels)
 REQUIRED_SIDE_FILES = ("tokenizer.json", "preprocessor_config.json")
 TARGETS = ("auto", "cuda", "cpu")
+PARTIAL_LOCK = ".export.lock"  # inside a partial directory: flock-ed by the export writing it
+UNLOCKED_GRACE_S = 60  # a partial directory without a lock file is left alone for this long (it may be starting)
 log = logging.getLogger("phi3v_edge")
 
 
@@ -105,7 +109,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     _check_keys(reader, cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    for stale in remove_stale_partials(out):
+        log.warning("removed %s, left by an interrupted export of %s", stale, out)
+    tmp, lock = _make_partial_dir(out)
     try:
         vision = build_vision(reader, cfg, tmp, precision=vision_precision,
                               io_dtype="float16" if vision_precision == "fp16" or io_dtype == "float16" and
@@ -120,6 +126,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         side = _copy_side_files(src, tmp)
         manifest = _manifest(cfg, src, checkpoint, tmp, vision, decoder, side)
         (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _release(tmp, lock)
+        lock = None
         if out.exists():  # force: replace only once the new bundle is complete
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -128,9 +136,80 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         else:
             tmp.rename(out)
     except BaseException:
+        _release(tmp, lock)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def partial_dirs(out: Path) -> list[Path]:
+    """The temporary directories exports of `out` create beside it (.NAME.partial-*), running or left behind."""
+    return sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.partial-*") if p.is_dir())
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the partial directories of `out` that no running export holds (their lock file is not locked, or
+    they have none and are older than UNLOCKED_GRACE_S); returns the removed ones. A directory whose lock is
+    held by a running export is never touched. Without fcntl (Windows) nothing is removed."""
+    removed = []
+    for d in partial_dirs(out):
+        if _in_use(d):
+            log.warning("%s belongs to a running export of %s: left alone", d, out)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _in_use(d: Path) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # no flock: cannot tell, so keep it
+        return True
+    try:
+        fd = os.open(d / PARTIAL_LOCK, os.O_RDWR)
+    except FileNotFoundError:  # an export just starting (or one finishing) has none for a moment
+        return time.time() - d.stat().st_mtime < UNLOCKED_GRACE_S
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True  # held: a running export
+    finally:
+        os.close(fd)  # closing drops a lock we got
+    return False
+
+
+def _make_partial_dir(out: Path) -> tuple[Path, int | None]:
+    """A new .NAME.partial-* directory beside `out`, created with the umask's mode (like mkdir, unlike mkdtemp's
+    0700: the bundle must be readable by whoever the umask allows), and the fd of its flock-ed lock file."""
+    while True:
+        d = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(d, 0o777)  # the umask applies
+            break
+        except FileExistsError:
+            continue
+    fd = os.open(d / PARTIAL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    return d, fd
+
+
+def _release(d: Path, fd: int | None) -> None:
+    """Drop the lock file of a partial directory (before it becomes the bundle, or is removed)."""
+    if fd is None:
+        return
+    try:
+        (d / PARTIAL_LOCK).unlink()
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def _check_keys(reader: CheckpointReader, cfg: Phi3VConfig) -> None:
@@ -158,14 +237,14 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
         if not p.is_file() and f in REQUIRED_SIDE_FILES:
             p = ASSETS_DIR / f
         if p.is_file():
-            shutil.copy(p, dst / f)
+            shutil.copyfile(p, dst / f)  # the umask sets the mode, not the checkpoint file's
             copied.append(f)
     return copied
 
 
 def _manifest(cfg: Phi3VConfig, src: Path, checkpoint, tmp: Path, vision: dict, decoder: dict, side: list[str]) -> dict:
     pre = json.loads((tmp / "preprocessor_config.json").read_text())
-    files = [p.name for p in tmp.iterdir() if p.is_file() and p.name != fmt.MANIFEST]
+    files = [p.name for p in tmp.iterdir() if p.is_file() and p.name not in (fmt.MANIFEST, PARTIAL_LOCK)]
     return {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,

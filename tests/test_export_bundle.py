@@ -117,3 +117,65 @@ def test_export_target_defaults_to_auto(tiny_checkpoint, tmp_path, capsys):
     assert f"target {want} (auto:" in cap.err and f"target {want})" in cap.out
     # fp16 weights: float16 activations only for a cuda target (the old default was cuda on any machine)
     assert fmt.load_manifest(out)["decoder"]["io_dtype"] == ("float16" if want == "cuda" else "float32")
+
+
+def test_stale_partial_directories_are_removed_running_ones_kept(tiny_checkpoint, tmp_path, caplog):
+    """An export killed half-way leaves .NAME.partial-*; the next export of NAME removes it (issue 16 item 5),
+    but never the directory of an export that is still running (it holds the flock of its lock file)."""
+    import fcntl
+    import logging
+    import os
+    import time
+
+    out = tmp_path / "b"
+    stale_locked = tmp_path / ".b.partial-111-dead"  # killed: its lock file is there but nobody holds it
+    stale_locked.mkdir()
+    (stale_locked / exp.PARTIAL_LOCK).write_text("")
+    (stale_locked / "decoder.onnx.data").write_bytes(b"\0" * 1000)
+    old_unlocked = tmp_path / ".b.partial-222-old"  # from an older phi3v-edge: no lock file, an hour old
+    old_unlocked.mkdir()
+    os.utime(old_unlocked, (time.time() - 3600, time.time() - 3600))
+    running = tmp_path / ".b.partial-333-live"  # a running export: holds its lock
+    running.mkdir()
+    fd = os.open(running / exp.PARTIAL_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    starting = tmp_path / ".b.partial-444-new"  # just created, lock file not there yet
+    starting.mkdir()
+    other = tmp_path / ".c.partial-555-dead"  # another target's: not ours to judge
+    other.mkdir()
+    try:
+        with caplog.at_level(logging.WARNING, logger="phi3v_edge"):
+            exp.export_bundle(tiny_checkpoint, out, "fp32", target="cpu")
+    finally:
+        os.close(fd)
+    assert not stale_locked.exists() and not old_unlocked.exists()
+    assert running.exists() and starting.exists() and other.exists()
+    assert "removed" in caplog.text and str(stale_locked) in caplog.text and str(running) in caplog.text
+    assert exp.PARTIAL_LOCK not in fmt.load_manifest(out)["files"] and not (out / exp.PARTIAL_LOCK).exists()
+    assert exp.remove_stale_partials(out) == [running]  # its export ended: now stale
+
+
+def test_bundle_modes_follow_the_umask(tiny_checkpoint, tmp_path):
+    """Bundle directories used to be 0700 (tempfile.mkdtemp): unreadable by another user (issue 16 item 6)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    for f in tiny_checkpoint.iterdir():
+        if f.suffix == ".json":
+            f.chmod(0o600)  # a private checkpoint: its tokenizer files keep no say over the bundle's modes
+    try:
+        out = exp.export_bundle(tiny_checkpoint, tmp_path / "b", "fp32", target="cpu")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044 for p in out.iterdir())  # files readable by all
+    os.umask(0o077)
+    try:
+        out = exp.export_bundle(tiny_checkpoint, tmp_path / "private", "fp32", target="cpu")
+    finally:
+        os.umask(old)
+        for f in tiny_checkpoint.iterdir():
+            if f.suffix == ".json":
+                f.chmod(0o644)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
