@@ -48,17 +48,22 @@ class Phi3VRuntime:
         self.processor, self.tokenizer, self.default_stop_ids = e.processor, e.tokenizer, e.default_stop_ids
         self.decoder, self.vision = e.decoder, e.vision
         self.last_result: GenerationResult | None = None
+        self.last_video = None  # video.VideoRequest of the last request with video= (frame timestamps)
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt: str, images=None, max_new_tokens: int = 256, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None,
                  num_crops: int | None = None, stop_ids: Iterable[int] | None = None,
-                 keep_cache: bool = False) -> GenerationResult:
+                 keep_cache: bool = False, *, video=None, video_frames: int | None = None,
+                 video_fps: float | None = None) -> GenerationResult:
         """Generate a reply to `prompt` (the full model prompt, e.g. from `build_prompt`; image k appears as
         <|image_k|>). stop: extra stop strings (cut from the text) and/or stop ids; stop_ids: replaces the
         bundle's stop ids (() disables them). keep_cache: may reuse the cached KV of a prompt this one extends
-        (default: prefill the whole prompt)."""
+        (default: prefill the whole prompt). video: a clip (path or bytes) sampled to video_frames frames
+        evenly (default 4) or at video_fps; its frames follow `images`, in place of <|video|> or at the start
+        of the last user turn (runtime/video.py prompt_video); their timestamps are in `last_video`."""
+        prompt, images = self._with_video(prompt, images, video, video_frames, video_fps, num_crops, max_new_tokens)
         h = self._submit(prompt, images, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                          seed, stop, num_crops, stop_ids, keep_cache)
         self.last_result = h.result()
@@ -67,10 +72,12 @@ class Phi3VRuntime:
     def stream(self, prompt: str, images=None, max_new_tokens: int = 256, do_sample: bool = False,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                seed: int | None = None, stop=None, num_crops: int | None = None,
-               stop_ids: Iterable[int] | None = None, keep_cache: bool = False) -> Iterator[str]:
+               stop_ids: Iterable[int] | None = None, keep_cache: bool = False, *, video=None,
+               video_frames: int | None = None, video_fps: float | None = None) -> Iterator[str]:
         """Like `generate`, yielding text deltas as tokens arrive (joined, they equal the result's text);
         the generator returns the GenerationResult (also left in `last_result`). Closing it early cancels the
         request. Input errors are raised here, before the generator is returned."""
+        prompt, images = self._with_video(prompt, images, video, video_frames, video_fps, num_crops, max_new_tokens)
         h = self._submit(prompt, images, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                          seed, stop, num_crops, stop_ids, keep_cache)
         return self._deltas(h)
@@ -124,6 +131,18 @@ class Phi3VRuntime:
             return build_prompt(messages)
         except (ValueError, TypeError, KeyError) as e:
             raise InputError(str(e)) from None
+
+    def _with_video(self, prompt, images, video, frames, fps, num_crops, max_new_tokens):
+        """(prompt, images) with a clip's frames added (budget-checked before decoding); unchanged without one."""
+        if video is None:
+            if frames is not None or fps is not None:
+                raise InputError("video_frames / video_fps need video=")
+            return prompt, images
+        from .video import prompt_video
+
+        self.last_video = prompt_video(self.processor, prompt, images, video, frames=frames, fps=fps,
+                                       num_crops=num_crops, max_length=self.max_length, max_new_tokens=max_new_tokens)
+        return self.last_video.prompt, self.last_video.images
 
     def _submit(self, prompt, images, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed,
                 stop, num_crops, stop_ids, keep_cache) -> RequestHandle:

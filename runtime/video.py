@@ -256,6 +256,12 @@ class Budget:
         return self.prompt_tokens + self.max_new_tokens <= self.max_length
 
 
+def _check_counts(max_length, max_new_tokens) -> None:
+    for name, v in (("max_length", max_length), ("max_new_tokens", max_new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise VideoError(f"{name} must be an integer >= 1, got {v!r}")
+
+
 def frame_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max_length: int, max_new_tokens: int,
                  text: str = "", system: str | None = None, image_tokens_before: Sequence[int] = (),
                  prompt_for: Callable[[int], str] | None = None) -> Budget:
@@ -264,6 +270,7 @@ def frame_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max
 
     The prompt with n frames is prompt_for(n), by default clip_prompt(text, n, system) after the images whose
     token counts are image_tokens_before."""
+    _check_counts(max_length, max_new_tokens)
     tpf = num_image_tokens_for(info.width, info.height, num_crops)
     before = list(image_tokens_before)
     if prompt_for is None:

@@ -357,3 +357,19 @@ def test_prompt_video_tokens_equal_the_same_frames_as_images(clips, rt, as_image
     with pytest.raises(ValueError, match="placeholder"):  # placeholders must match the images given
         V.prompt_video(rt.processor, "<|user|>\n<|image_1|>\nx<|end|>\n", None, clips["mp4"], frames=2,
                        max_length=rt.max_length, max_new_tokens=6)
+
+
+def test_api_generate_and_stream_with_video(clips, rt, as_images):
+    prompt, _ = build_prompt([{"role": "user", "content": "What happens?"}])
+    r = rt.generate(prompt, video=clips["mp4"], video_frames=3, num_crops=1, max_new_tokens=6, stop_ids=())
+    assert r.token_ids == as_images[1].token_ids
+    assert rt.last_video.timestamps == pytest.approx([0.2, 1.0, 1.6])
+    text = "".join(rt.stream(prompt, video=open(clips["mp4"], "rb").read(), video_frames=3, num_crops=1,
+                             max_new_tokens=6, stop_ids=()))
+    assert text == as_images[1].text
+    with pytest.raises(V.VideoError, match="max_length 4096"):
+        rt.generate(prompt, video=clips["mp4"], video_frames=10, num_crops=4, max_new_tokens=6)
+    with pytest.raises(V.VideoError, match="not a readable video"):
+        rt.generate(prompt, video=b"not a video" * 50)
+    assert rt.generate(prompt, video=clips["mp4"], video_fps=1.0, num_crops=1, max_new_tokens=2).token_ids
+    assert rt.last_video.timestamps == [0.0, 1.0]  # the runtime stays usable after the errors
