@@ -84,9 +84,9 @@ def main(argv=None) -> int:
     try:
         export, extra = export_bundle, {}
         if args.format == "genai":
-            from .genai import DEFAULT_MAX_LENGTH, export_genai as export
+            from .genai import export_genai as export
 
-            extra = {"max_length": args.max_length or DEFAULT_MAX_LENGTH}
+            extra = {"max_length": args.max_length}
         elif args.max_length is not None:
             raise ExportError("--max-length is for --format genai (a bundle's runtime takes max_length when loading)")
         out = export(args.checkpoint, args.out, args.precision, target=target,

@@ -45,11 +45,12 @@ DEFAULT_MAX_LENGTH = 4096  # search.max_length: the KV buffers onnxruntime-genai
 def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *, target: str = "auto",
                  vision_precision: str | None = None, block_size: int = 32, accuracy_level: int | None = None,
                  symmetric: bool = True, lm_head_precision: str | None = None,
-                 embedding_precision: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, force: bool = False,
+                 embedding_precision: str | None = None, max_length: int | None = None, force: bool = False,
                  all_logits: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Export `checkpoint` to an onnxruntime-genai package at `out_dir`; returns its path. The options are
     export_bundle's (precision, target, vision_precision, block_size, accuracy_level, symmetric, lm_head and
-    embedding precision); max_length is genai_config's search.max_length (the rotary tables cover the
+    embedding precision); max_length is genai_config's search.max_length (default 4096, or
+    max_position_embeddings when smaller; the rotary tables cover the
     model's whole context, max_position_embeddings). The vision graph's pixel_values and image_features use
     the text graph's activation dtype (onnxruntime-genai hands the vision output buffer to the embedding)."""
     if all_logits:
@@ -75,7 +76,9 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
 
     src = resolve_checkpoint(checkpoint)
     cfg = Phi3VConfig.from_json(src)
-    if not isinstance(max_length, int) or not 2 <= max_length <= cfg.max_position_embeddings:
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, cfg.max_position_embeddings)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 <= max_length <= cfg.max_position_embeddings:
         raise ExportError(f"max_length {max_length!r} must be an integer in 2..{cfg.max_position_embeddings} "
                           "(max_position_embeddings)")
     reader = CheckpointReader(src)

@@ -163,3 +163,90 @@ def test_genai_own_processor_runs_end_to_end(tiny_model, images):
         assert (ids < 0).sum() == (inputs["num_image_tokens"].as_numpy().sum() if ims else 0)
         out = genai_greedy(tiny_model, inputs, ids.shape[-1], 4)
         assert len(out) == 4 and all(0 <= t < 32064 for t in out)
+
+
+# ---- LongRoPE past original_max_position_embeddings ---------------------------------------------------------
+def test_longrope_crossing_what_genai_does_and_the_exact_recipe(tmp_path_factory):
+    """onnxruntime-genai cannot recompute the cache when a generation crosses original_max_position_embeddings
+    (and RewindTo is not supported for phi3v): the package switches to the long factors for the new tokens while
+    the cached keys keep their short-factor rotation, exactly the reference decoded with a cache and no
+    recompute. A host that starts a new generator with the whole sequence at the crossing gets the
+    reference's tokens (its recompute) exactly."""
+    import torch
+
+    from phi3v_edge.models.decoder import KVCache
+    from phi3v_edge.models.modeling import Phi3VForCausalLM
+    from phi3v_edge.models.testing import tiny_config, write_tiny_checkpoint
+
+    orig, n = 32, 24
+    cfg = tiny_config(original_max_position_embeddings=orig, max_position_embeddings=512)
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("rope_ckpt"), cfg, seed=3)
+    pkg = export_genai(ckpt, tmp_path_factory.mktemp("rope_pkg") / "fp32", "fp32", target="cpu")
+    ids = Phi3VProcessor.from_pretrained(ckpt)("<|user|>\nTell me a long story about a cat.<|end|>\n"
+                                               "<|assistant|>\n").input_ids
+    length = ids.shape[1]
+    assert length < orig < length + n  # the generation crosses the boundary
+
+    ref = Phi3VForCausalLM.from_pretrained(ckpt).eval()
+    want = ref.generate(torch.from_numpy(ids), max_new_tokens=n, stop_ids=())  # recompute at the crossing
+    with torch.no_grad():  # the same model decoding with its cache and never recomputing it
+        cache, no_recompute = KVCache(cfg.num_hidden_layers), []
+        logits = ref(input_ids=torch.from_numpy(ids), cache=cache).logits[:, -1]
+        for _ in range(n):
+            no_recompute.append(int(logits[0].argmax()))
+            logits = ref(input_ids=torch.tensor([[no_recompute[-1]]]), cache=cache).logits[:, -1]
+    cross = orig - length + 1  # index of the first token predicted from a sequence longer than orig
+    assert want[:cross] == no_recompute[:cross] and want != no_recompute  # the difference is visible here
+
+    model = og.Model(str(pkg))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length + n, do_sample=False)
+
+    def start(seq):
+        g = og.Generator(model, params)
+        nt = og.NamedTensors()
+        nt["input_ids"] = np.asarray(seq, np.int32).reshape(1, -1)
+        g.set_inputs(nt)
+        return g
+
+    def generate(restart_at_crossing: bool) -> list[int]:
+        g, out = start(ids), []
+        while len(out) < n:
+            if restart_at_crossing and len(g.get_sequence(0)) == orig + 1:
+                g = start(g.get_sequence(0))  # the whole sequence again: every key under the long factors
+            g.generate_next_token()
+            out.append(int(g.get_next_tokens()[0]))
+        return out
+
+    assert generate(False) == no_recompute
+    assert generate(True) == want
+
+
+# ---- the demo model ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_package(tmp_path_factory):
+    from phi3v_edge.models import demo
+
+    return export_genai(demo.CHECKPOINT, tmp_path_factory.mktemp("genai_demo") / "int4", "int4", target="cpu")
+
+
+def test_int4_demo_package_answers_the_example_questions(demo_package):
+    """The INT4 CPU package (int8 vision, accuracy_level 4: export_bundle's CPU defaults), run by
+    onnxruntime-genai on our processor's inputs, answers the bundled questions as the INT4 bundle does
+    (tests/test_demo_command.py: >= 7 of 8)."""
+    from phi3v_edge.models import demo
+    from phi3v_edge.runtime.chat_template import build_prompt
+
+    info = json.loads((demo_package / "export_info.json").read_text())
+    assert info["text"]["precision"] == "int4" and info["vision"]["precision"] == "int8"
+    model = og.Model(str(demo_package))
+    proc = Phi3VProcessor.from_pretrained(demo_package)
+    qs = demo.load_questions()
+    right = 0
+    for q in qs:
+        prompt, ims = build_prompt([{"role": "user", "content": q["question"], "images": q["images"]}])
+        inputs, length = named_inputs(proc, prompt, ims)
+        out = genai_greedy(model, inputs, length, 16)
+        assert out[-1] in (2, 32000, 32007)  # stopped by an eos id of genai_config.json
+        right += proc.tokenizer.decode(out).strip() == q["answer"]
+    assert right >= 7, f"{right}/{len(qs)}"
