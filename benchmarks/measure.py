@@ -66,6 +66,17 @@ def peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
 
 
+def mem_available_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), GiB; None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
 def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30, reps: int = 10) -> float:
     """Measured device-memory copy bandwidth: (bytes read + bytes written) / time, GB/s."""
     if device == "cuda":
