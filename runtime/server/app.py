@@ -251,7 +251,7 @@ async def _complete(state: ServerState, req: P.ChatRequest, handle, arrival: flo
         async for d in handle:
             clock.tokens(d.index, len(d.token_ids))
         results = handle.results(timeout=0)
-    except RequestCancelled:
+    except RequestCancelled:  # the engine failed it as cancelled (timeout, shutdown, or the client left)
         results = None
     except Exception as e:  # the engine failed this request: not the user's fault, but say what happened
         log.exception("request %s failed", handle.id)
@@ -312,7 +312,10 @@ async def _stream(state: ServerState, req: P.ChatRequest, handle, arrival: float
                 yield chunk([], P.usage_of(results))
         yield _sse("[DONE]")
     except RequestCancelled:
-        yield _sse(P.error_body("the request was cancelled", "server_error", None, "cancelled"))
+        err = _timeout_error(state) if timer.fired else _unavailable(state, "the request was cancelled: the server "
+                                                                           "is shutting down", "shutting_down")
+        state.metrics.errors.labels(str(err.status)).inc()
+        yield _sse(err.body())
         yield _sse("[DONE]")
     except Exception as e:  # not CancelledError (a client that went away): that goes to `finally`
         log.exception("request %s failed", handle.id)

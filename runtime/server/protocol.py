@@ -12,9 +12,10 @@ What is accepted: roles system / developer (as system) / user / assistant; conte
 before its text, as in the model's chat template; several text parts are joined with a newline);
 max_tokens / max_completion_tokens, temperature (0 = greedy; OpenAI's default 1.0 samples), top_p, seed, stop
 (a string or up to 4), n, logprobs / top_logprobs (<= 5), stream / stream_options.include_usage, and the
-extras top_k, repetition_penalty, num_crops. frequency_penalty / presence_penalty other than 0, logit_bias,
-tools, function calling and non-text response formats are rejected with a 400 that names the field. Other
-unknown fields are ignored (clients send `user`, `metadata`, ...).
+extras top_k, repetition_penalty, num_crops and ignore_eos (as in vLLM: the model's stop tokens do not end
+the reply). frequency_penalty / presence_penalty other than 0, logit_bias, tools, function calling and
+non-text response formats are rejected with a 400 that names the field. Other unknown fields are ignored
+(clients send `user`, `metadata`, ...).
 """
 from __future__ import annotations
 
@@ -257,10 +258,13 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if top is not None and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     num_crops = _int(body, "num_crops", 1, 16)
+    ignore_eos = _bool(body, "ignore_eos")
     kw: dict[str, Any] = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                               top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
                               repetition_penalty=1.0 if rep is None else rep, seed=seed, stop=_stop(body),
                               num_crops=num_crops, n=n, logprobs=(top or 0) if logprobs else None)
+    if ignore_eos:  # only max_tokens and stop strings end the row
+        kw["stop_ids"] = ()
     if not kw["do_sample"]:  # greedy: the sampling filters do not apply
         kw.update(temperature=1.0, top_k=0, top_p=1.0)
     return ChatRequest(model, messages, kw, stream, include_usage, logprobs, n, images)
