@@ -17,7 +17,8 @@ the size worked out once for the clip:
 Frames run through these buffers one at a time: one [N, 3, H, W] stack of a whole clip is tens of MB
 and falls out of the cache (measured slower: benchmarks/results/video-preprocess-2026-12-01.md).
 Every float is the result of the same float32 operations in the same order as the per-image path, so the
-outputs are identical, not just close. Frames of different sizes fall back to preprocess_images.
+outputs are identical, not just close. Images of different sizes are batched per size, so any list of
+images may go through here (a drop-in for preprocess_images).
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ from .image_transform import (
     hd_resize_size,
     load_image,
     num_image_tokens,
-    preprocess_images,
 )
 
 
@@ -120,14 +120,28 @@ def preprocess_same_size(
     std: Sequence[float] = CLIP_STD,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """preprocess_images for images that share one size (the same outputs, bit for bit), with the geometry,
-    padding and buffers set up once: (pixel_values [N, num_crops+1, 3, 336, 336] float32,
-    image_sizes [N, 2] int64 (H, W), num_img_tokens list[int]). Mixed sizes fall back to preprocess_images."""
+    """preprocess_images, bit for bit, with the geometry, padding and buffers set up once per image size:
+    (pixel_values [N, num_crops+1, 3, 336, 336] float32, image_sizes [N, 2] int64 (H, W), num_img_tokens
+    list[int]), images in the order given. Mixed sizes are batched per size."""
     num_crops = check_num_crops(num_crops)
     rgb = [load_image(im, max_pixels) for im in frames]  # all loaded first: fail before heavy work
-    if not rgb or any(im.size != rgb[0].size for im in rgb):
-        return preprocess_images(rgb, num_crops, mean, std, max_pixels)
-    n = len(rgb)
+    pixel_values = np.zeros((len(rgb), num_crops + 1, 3, CROP, CROP), dtype=np.float32)
+    image_sizes = np.zeros((len(rgb), 2), dtype=np.int64)
+    tokens = [0] * len(rgb)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(rgb):
+        groups.setdefault(im.size, []).append(i)
+    for idx in groups.values():
+        sizes, n_tok = _same_size([rgb[i] for i in idx], num_crops, mean, std, pixel_values, idx)
+        image_sizes[idx] = sizes
+        for i in idx:
+            tokens[i] = n_tok
+    return pixel_values, image_sizes, tokens
+
+
+def _same_size(rgb: list[Image.Image], num_crops: int, mean, std, pixel_values: np.ndarray,
+               where: list[int]) -> tuple[tuple[int, int], int]:
+    """The HD transform of RGB images of one size into pixel_values[where[i]]: ((H, W), tokens per image)."""
     # ---- geometry, once
     new_w, new_h, transposed = hd_resize_size(*rgb[0].size, num_crops)
     tar = math.ceil(new_h / CROP) * CROP
@@ -143,9 +157,8 @@ def preprocess_same_size(
     hd = canvas.transpose(1, 0, 2) if transposed else canvas  # [H, W, 3] view in the original orientation
     full = np.empty((3, h, w), dtype=np.float32)  # the normalised frame
     half = np.empty((3, CROP, w), dtype=np.float32)  # after the height pass of the global view
-    pixel_values = np.zeros((n, num_crops + 1, 3, CROP, CROP), dtype=np.float32)
     f255 = np.float32(255.0)
-    for i, img in enumerate(rgb):
+    for row, img in zip(where, rgb):
         if transposed:
             img = img.transpose(Image.Transpose.TRANSPOSE)
         canvas[top: top + new_h] = np.asarray(img.resize((new_w, new_h), Image.Resampling.BILINEAR))
@@ -153,9 +166,8 @@ def preprocess_same_size(
             np.divide(hd[..., c], f255, out=full[c], dtype=np.float32)
             full[c] -= m[c]
             full[c] /= s[c]
-        rs_w(rs_h(full, 1, half), 2, pixel_values[i, 0])  # global view
+        rs_w(rs_h(full, 1, half), 2, pixel_values[row, 0])  # global view
         # tiles row-major: [3, rows, 336, cols, 336] -> [rows*cols, 3, 336, 336]
-        pixel_values[i, 1: 1 + n_tiles] = full.reshape(3, rows, CROP, cols, CROP).transpose(1, 3, 0, 2, 4).reshape(
+        pixel_values[row, 1: 1 + n_tiles] = full.reshape(3, rows, CROP, cols, CROP).transpose(1, 3, 0, 2, 4).reshape(
             n_tiles, 3, CROP, CROP)
-    image_sizes = np.tile(np.array([h, w], dtype=np.int64), (n, 1))
-    return pixel_values, image_sizes, [num_image_tokens(h, w)] * n
+    return (h, w), num_image_tokens(h, w)

@@ -64,6 +64,7 @@ class ClipInfo:
     frame_times: np.ndarray  # [K] float64 seconds from the first frame, sorted (presentation order)
     codec: str
     what: str  # how to name the clip in messages
+    start_pts: int = 0  # pts of the first frame, in the stream's time base (seek targets)
 
     @property
     def num_frames(self) -> int:
@@ -176,7 +177,7 @@ def probe(source: VideoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> C
     else:
         duration = (end - start) * tb
     duration = max(duration, float(times[-1]))
-    return ClipInfo(width, height, duration, times, codec, what)
+    return ClipInfo(width, height, duration, times, codec, what, start)
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -315,41 +316,52 @@ def check_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max
 # --------------------------------------------------------------------------------------------- decode
 
 
+SEEK_GAP_S = 2.0  # seek (to the keyframe before it) when the next chosen frame is this far ahead of the decoder
+
+
 def decode_frames(source: VideoSource, info: ClipInfo, indices: Sequence[int]) -> VideoFrames:
-    """Decode the clip front to back once and keep the frames at `indices` (into info.frame_times) as RGB."""
+    """Decode the frames at `indices` (into info.frame_times, increasing) as RGB: front to back, seeking to the
+    keyframe before a chosen frame when it is more than SEEK_GAP_S ahead (a long clip is not decoded whole).
+    Frames are placed by their timestamps; a stream without them is decoded front to back, counting frames."""
     av = _av()
-    indices = [int(i) for i in indices]
-    wanted = {i: n for n, i in enumerate(indices)}
-    frames: list[Image.Image | None] = [None] * len(indices)
-    last = max(indices) if indices else -1
+    indices = sorted({int(i) for i in indices})
+    frames: list[Image.Image] = []
     with _open(av, source, info.what) as container:
         stream = _video_stream(container, info.what)
         stream.thread_type = "AUTO"
         tb = float(stream.time_base)
-        start = None
-        k = -1
+        it, k, timed = None, -1, True  # k: index of the last decoded frame
         try:
-            for frame in container.decode(stream):
-                k += 1
-                if frame.pts is not None:  # place the frame by its time (robust to dropped frames)
-                    if start is None:
-                        start = frame.pts
-                    t = (frame.pts - start) * tb
-                    k = int(np.searchsorted(info.frame_times, t + 1e-9, side="right") - 1)
-                if k in wanted and frames[wanted[k]] is None:
-                    frames[wanted[k]] = frame.to_image().convert("RGB")
-                if k >= last and all(f is not None for f in frames):
-                    break
+            for i in indices:
+                ahead = info.frame_times[i] - (info.frame_times[k] if k >= 0 else 0.0)
+                if it is None or (timed and ahead > SEEK_GAP_S):
+                    if it is not None or ahead > SEEK_GAP_S:
+                        container.seek(int(info.start_pts + round(info.frame_times[i] / tb)), stream=stream,
+                                       backward=True, any_frame=False)
+                    it, k = container.decode(stream), -1
+                frame = None
+                while k < i:
+                    frame = next(it, None)
+                    if frame is None:
+                        break
+                    if frame.pts is None:
+                        timed = False
+                        k += 1
+                    else:
+                        k = int(np.searchsorted(info.frame_times, (frame.pts - info.start_pts) * tb + 1e-9,
+                                                side="right") - 1)
+                if frame is None or k < i:
+                    raise VideoError(f"cannot decode video {info.what}: frame {i + 1} of {info.num_frames} "
+                                     f"({info.frame_times[i]:.2f} s) is missing (corrupt or truncated file)")
+                im = frame.to_image().convert("RGB")  # the frame shown at frame_times[i] (or the next one decoded)
+                if im.size != (info.width, info.height):
+                    raise VideoError(f"video {info.what} changes frame size ({im.size[0]}x{im.size[1]}, the stream "
+                                     f"says {info.width}x{info.height}): not supported")
+                frames.append(im)
+        except VideoError:
+            raise
         except Exception as e:
             raise VideoError(f"cannot decode video {info.what}: corrupt data ({_ffmpeg_msg(e)})") from None
-    missing = [n for n, f in enumerate(frames) if f is None]
-    if missing:
-        raise VideoError(f"cannot decode video {info.what}: {len(missing)} of the {len(indices)} chosen frames "
-                         f"could not be decoded (corrupt or truncated file)")
-    for im in frames:
-        if im.size != (info.width, info.height):
-            raise VideoError(f"video {info.what} changes frame size ({im.size[0]}x{im.size[1]}, the stream says "
-                             f"{info.width}x{info.height}): not supported")
     return VideoFrames(frames, [round(float(info.frame_times[i]), 6) for i in indices], info)
 
 

@@ -60,7 +60,9 @@ def decoded_with_pyav(path, indices):
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")
     out = {"mp4": write_clip(d / "colours.mp4"), "avi": write_clip(d / "colours.avi", codec="mjpeg"),
-           "portrait": write_clip(d / "portrait.mp4", size=(48, 80), colours=PALETTE[:4])}
+           "portrait": write_clip(d / "portrait.mp4", size=(48, 80), colours=PALETTE[:4]),
+           # 12 s, 60 frames, keyframes every 12 frames (mpeg4's default GOP): seeking has work to do
+           "long": write_clip(d / "long.mp4", colours=[(4 * k, 255 - 4 * k, (37 * k) % 256) for k in range(60)])}
     c = av.open(str(d / "empty.mp4"), "w")  # a stream and no frames: the muxer drops the stream
     s = c.add_stream("mpeg4", rate=RATE)
     s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
@@ -99,6 +101,17 @@ def test_frames_count_order_and_timestamps(clips, kind, kw, picked):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(clip.frames, oracle))
     assert clip.info.num_frames == 10 and clip.info.duration == pytest.approx(2.0)
     assert (clip.info.width, clip.info.height) == (64, 48)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.3, 100.0])  # seek before every chosen frame, some, none
+@pytest.mark.parametrize("kw", [dict(frames=5), dict(fps=1.5), dict(frames=60)])
+def test_seeking_gives_the_frames_a_full_decode_gives(clips, monkeypatch, gap, kw):
+    monkeypatch.setattr(V, "SEEK_GAP_S", gap)
+    clip = V.video_frames(clips["long"], **kw)
+    idx = [round(t * RATE) for t in clip.timestamps]
+    oracle = decoded_with_pyav(clips["long"], idx)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(clip.frames, oracle))
+    assert len(clip) == {"frames": kw.get("frames"), "fps": 18}.get(next(iter(kw)))
 
 
 def test_bytes_and_path_give_the_same_frames(clips):
