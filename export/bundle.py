@@ -20,21 +20,14 @@ from phi3v_edge.models.config import ASSETS_DIR, Phi3VConfig
 from phi3v_edge.runtime import bundle as fmt
 
 from .decoder_graph import build_decoder
-from .graph_builder import PRECISIONS
-from .vision_graph import PRECISIONS as VISION_PRECISIONS
+from .options import ACCURACY_LEVELS, PRECISIONS, TARGETS, VISION_PRECISIONS, ExportError, check_choice
+from .options import CLI_BLOCK_SIZES as BLOCK_SIZES
 from .vision_graph import build_vision, int8_block_size
 
-BLOCK_SIZES = (32, 64, 128)
-ACCURACY_LEVELS = (0, 4)  # MatMulNBits accuracy_level: 0 = fp32 activations, 4 = int8 activations (CPU kernels)
 REQUIRED_SIDE_FILES = ("tokenizer.json", "preprocessor_config.json")
-TARGETS = ("auto", "cuda", "cpu")
 PARTIAL_LOCK = ".export.lock"  # inside a partial directory: flock-ed by the export writing it
 UNLOCKED_GRACE_S = 60  # a partial directory without a lock file is left alone for this long (it may be starting)
 log = logging.getLogger("phi3v_edge")
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked (bad option, existing output, unusable checkpoint)."""
 
 
 def default_io_dtype(precision: str, target: str) -> str:
@@ -53,6 +46,23 @@ def cpu_defaults(precision: str, target: str, vision_precision: str | None,
     if vision_precision is None and fast:
         vision_precision = "int8"
     return vision_precision, accuracy_level
+
+
+def resolve_options(precision: str, target: str, vision_precision: str | None, block_size: int,
+                    accuracy_level: int | None) -> tuple[str, str, int, str]:
+    """Check the export options (ExportError naming the bad one) and fill the defaults, before any work:
+    -> (target, vision_precision, accuracy_level, io_dtype). The graph builders check the block size against
+    the model's sizes (export/options.py holds every check)."""
+    check_choice(precision, PRECISIONS, "precision")
+    target = resolve_target(check_choice(target, TARGETS, "target"))
+    check_choice(block_size, BLOCK_SIZES, "block size")
+    vision_precision, accuracy_level = cpu_defaults(precision, target, vision_precision, accuracy_level)
+    check_choice(accuracy_level, ACCURACY_LEVELS, "accuracy level")
+    io_dtype = default_io_dtype(precision, target)
+    if vision_precision is None:
+        vision_precision = "fp32" if io_dtype == "float32" else "fp16"
+    check_choice(vision_precision, VISION_PRECISIONS, "vision precision")
+    return target, vision_precision, accuracy_level, io_dtype
 
 
 def resolve_target(target: str) -> str:
@@ -84,21 +94,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         "auto" (default): cuda when onnxruntime's CUDA provider is usable on this machine, else cpu.
     vision_precision: default fp16 on CUDA, int8 on CPU for int4/int8 decoders, else fp32 (and for fp32).
     accuracy_level: MatMulNBits accuracy_level of both graphs (0 or 4); default 4 for CPU int4/int8, else 0."""
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if target not in TARGETS:
-        raise ExportError(f"target {target!r}: choose 'auto', 'cuda' or 'cpu'")
-    target = resolve_target(target)
-    if block_size not in BLOCK_SIZES:
-        raise ExportError(f"block size {block_size} is not supported; choose one of {BLOCK_SIZES}")
-    vision_precision, accuracy_level = cpu_defaults(precision, target, vision_precision, accuracy_level)
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise ExportError(f"accuracy level {accuracy_level} is not supported; choose one of {ACCURACY_LEVELS}")
-    io_dtype = default_io_dtype(precision, target)
-    if vision_precision is None:
-        vision_precision = "fp32" if io_dtype == "float32" else "fp16"
-    if vision_precision not in VISION_PRECISIONS:
-        raise ExportError(f"vision precision {vision_precision!r}: choose one of {', '.join(VISION_PRECISIONS)}")
+    target, vision_precision, accuracy_level, io_dtype = resolve_options(precision, target, vision_precision,
+                                                                         block_size, accuracy_level)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")

@@ -66,10 +66,9 @@ from phi3v_edge.models.config import Phi3VConfig
 from phi3v_edge.runtime import bundle as fmt
 
 from .graph_builder import PRECISIONS, GraphBuilder
-from .quantize import SUPPORTED_BLOCK_SIZES, dequantize, quantize
+from .options import EMBEDDING_PRECISIONS, IO_DTYPES, check_block_size, check_choice
+from .quantize import dequantize, quantize
 
-EMBEDDING_PRECISIONS = ("fp32", "fp16", "int8")
-IO_DTYPES = ("float32", "float16")
 MAX_LENGTH_DIM = "max_length"
 ROPE_ROWS_DIM = "rope_rows"  # 2 * max_length: the short table, then the long one
 
@@ -97,31 +96,18 @@ def resolve_options(cfg: Phi3VConfig, precision: str, io_dtype: str | None = Non
     """Validate the options (clear ValueErrors) and fill the defaults:
     io_dtype: float32 for fp32, float16 otherwise; lm_head: the layers' precision;
     embedding: fp32 for fp32, fp16 otherwise."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not supported (use one of {', '.join(PRECISIONS)})")
-    if io_dtype is None:
-        io_dtype = "float32" if precision == "fp32" else "float16"
-    if io_dtype not in IO_DTYPES:
-        raise ValueError(f"io_dtype {io_dtype!r} is not supported (use float32 or float16)")
-    lm_head_precision = lm_head_precision or precision
-    if lm_head_precision not in PRECISIONS:
-        raise ValueError(f"lm_head precision {lm_head_precision!r} is not supported (use one of {', '.join(PRECISIONS)})")
-    embedding_precision = embedding_precision or ("fp32" if precision == "fp32" else "fp16")
-    if embedding_precision not in EMBEDDING_PRECISIONS:
-        raise ValueError(f"embedding precision {embedding_precision!r} is not supported "
-                         f"(use one of {', '.join(EMBEDDING_PRECISIONS)})")
+    check_choice(precision, PRECISIONS, "precision")  # the checks: export/options.py (ExportError, a ValueError)
+    io_dtype = check_choice(io_dtype or ("float32" if precision == "fp32" else "float16"), IO_DTYPES, "io_dtype")
+    lm_head_precision = check_choice(lm_head_precision or precision, PRECISIONS, "lm_head precision")
+    embedding_precision = check_choice(embedding_precision or ("fp32" if precision == "fp32" else "fp16"),
+                                       EMBEDDING_PRECISIONS, "embedding precision")
     quantized = {precision, lm_head_precision, embedding_precision} & {"int4", "int8"}
     if quantized:
-        if block_size not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"block size {block_size} is not supported (use 32, 64 or 128)")
         ks = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
               "num_attention_heads * head_dim": cfg.q_size}
         if precision not in ("int4", "int8"):  # only the lm_head / embedding (K = hidden) are quantized
             ks = {"hidden_size": cfg.hidden_size}
-        for what, k in ks.items():
-            if k % block_size:
-                raise ValueError(f"{what} = {k} (K of a quantized projection) is not divisible by the block size "
-                                 f"{block_size}; pick a block size that divides it")
+        check_block_size(block_size, ks)
     if cfg.head_dim % 2:
         raise ValueError(f"head_dim {cfg.head_dim} must be even for rotary embeddings")
     return DecoderOptions(precision, io_dtype, int(block_size), bool(symmetric), lm_head_precision,

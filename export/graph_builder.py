@@ -32,12 +32,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .options import IO_DTYPES, PRECISIONS, check_choice
 from .quantize import QuantizedWeight, quantize
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 IR_VERSION = 10
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _ALIGN = 64
 _BIG = 1 << 20  # tensors of at least this many bytes ...
 _BIG_ALIGN = 1 << 16  # ... start at a 64 KiB boundary (mmap allocation granularity, as onnx's own saver)
@@ -72,8 +72,7 @@ class GraphBuilder:
         self.path = Path(path)
         self.data_path = self.path.with_name(self.path.name + ".data")
         self.name = name
-        if io_dtype not in ("float32", "float16"):
-            raise ValueError(f"io_dtype {io_dtype!r} is not supported (float32 or float16)")
+        check_choice(io_dtype, IO_DTYPES, "io_dtype", ValueError)
         self.io_dtype = io_dtype
         self.np_float = np.dtype(io_dtype)
         self.float_type = onnx_dtype(io_dtype)  # TensorProto element type of the activations
@@ -203,8 +202,7 @@ class GraphBuilder:
         the activation type is inserted if it differs, e.g. an fp16 lm_head in an fp32 graph);
         int8 / int4: one com.microsoft.MatMulNBits (see export/quantize.py), scales in the activation dtype.
         The bias (if any) is an Add, in the activation dtype."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not supported (use one of {PRECISIONS})")
+        check_choice(precision, PRECISIONS, f"{name}: precision", ValueError)
         w = weight
         if hasattr(w, "detach"):
             import torch

@@ -36,8 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .options import BLOCK_SIZES as SUPPORTED_BLOCK_SIZES  # noqa: F401  (one home: export/options.py)
+from .options import check_block_size
+
 SUPPORTED_BITS = (4, 8)
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # the CLI exposes 32 / 64 / 128
 _ROW_CHUNK = 2048  # rows quantized at a time: bounds the temporaries for big matrices (lm_head)
 
 
@@ -72,11 +74,7 @@ def check_params(K: int, bits: int, block_size: int, name: str = "weight") -> No
     """Raise a clear ValueError for an unsupported bits / block size, or K not divisible by the block size."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"{name}: {bits}-bit quantization is not supported (use 4 or 8)")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"{name}: block size {block_size} is not supported (use one of {SUPPORTED_BLOCK_SIZES})")
-    if K % block_size:
-        raise ValueError(f"{name}: K = {K} (input features) is not divisible by the block size {block_size}; "
-                         f"pick a block size that divides {K}")
+    check_block_size(block_size, {"K": K}, what=f"{name}: ", error=ValueError)
 
 
 def _to_numpy_f32(w) -> np.ndarray:

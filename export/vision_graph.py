@@ -36,16 +36,16 @@ import torch
 from ..models.config import NUM_IMG_TOKENS_PER_CROP, Phi3VConfig
 from ..runtime.bundle import IMAGE_FEATURES, LAYOUT_INDEX, PIXEL_VALUES, VISION_FILE
 from .graph_builder import GraphBuilder, onnx_dtype
-from .quantize import SUPPORTED_BLOCK_SIZES
+from .options import BLOCK_SIZES as SUPPORTED_BLOCK_SIZES
+from .options import IO_DTYPES, ExportError, check_block_size, check_choice
+from .options import VISION_PRECISIONS as PRECISIONS
 
 PREFIX = "model.vision_embed_tokens."
 CLIP = PREFIX + "img_processor.vision_model."
-PRECISIONS = ("fp32", "fp16", "int8")
-IO_DTYPES = ("float32", "float16")
 QUICK_GELU_ALPHA = 1.702
 
 
-class VisionExportError(ValueError):
+class VisionExportError(ExportError):
     """A vision export request that cannot be honoured (precision, block size, shapes)."""
 
 
@@ -71,12 +71,9 @@ def build_vision(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: st
     io_dtype: float32 | float16 of pixel_values and image_features; default float16 for fp16, else float32.
     accuracy_level: MatMulNBits' CPU accuracy level (int8 only; 0 = exact fp32, see graph_builder.py).
     progress: called as progress(i, n) after each of the n encoder layers (i = 1..n)."""
-    if precision not in PRECISIONS:
-        raise VisionExportError(f"vision precision {precision!r} is not supported (use one of {', '.join(PRECISIONS)})")
-    if io_dtype is None:
-        io_dtype = "float16" if precision == "fp16" else "float32"
-    if io_dtype not in IO_DTYPES:
-        raise VisionExportError(f"vision io_dtype {io_dtype!r} is not supported (use float32 or float16)")
+    check_choice(precision, PRECISIONS, "vision precision", VisionExportError)  # the checks: export/options.py
+    io_dtype = check_choice(io_dtype or ("float16" if precision == "fp16" else "float32"), IO_DTYPES,
+                            "vision io_dtype", VisionExportError)
     compute = {"fp32": "float32", "fp16": "float16", "int8": io_dtype}[precision]
     vc = cfg.vision
     D, H = vc.hidden_size, vc.num_attention_heads
@@ -86,13 +83,9 @@ def build_vision(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: st
         raise VisionExportError(f"CLIP has {vc.num_hidden_layers} layers; layer_idx {cfg.layer_idx} needs more")
     quant = precision == "int8"
     if quant:
-        if block_size not in SUPPORTED_BLOCK_SIZES:
-            raise VisionExportError(f"int8 vision: block size {block_size} is not supported "
-                                    f"(use one of {SUPPORTED_BLOCK_SIZES})")
-        for what, k in (("CLIP hidden size", D), ("CLIP intermediate size", vc.intermediate_size),
-                        ("merged image feature size", merged), ("hidden size", hidden)):
-            if k % block_size:
-                raise VisionExportError(f"int8 vision: {what} {k} is not divisible by block size {block_size}")
+        check_block_size(block_size, {"CLIP hidden size": D, "CLIP intermediate size": vc.intermediate_size,
+                                      "merged image feature size": merged, "hidden size": hidden},
+                         "int8 vision: ", VisionExportError)
 
     out_dir = Path(out_dir)
     g = GraphBuilder(out_dir / VISION_FILE, name="phi3v_vision", io_dtype=compute, accuracy_level=accuracy_level)

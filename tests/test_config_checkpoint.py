@@ -117,7 +117,6 @@ def test_missing_shard_and_missing_weights(tmp_path):
 
 
 def test_repo_id_offline_gives_a_clear_message(monkeypatch, tmp_path):
-    pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     with pytest.raises(CheckpointError, match="offline.*local"):

@@ -179,3 +179,30 @@ def test_bundle_modes_follow_the_umask(tiny_checkpoint, tmp_path):
             if f.suffix == ".json":
                 f.chmod(0o644)
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+def test_option_checks_have_one_home(tiny_checkpoint, tmp_path):
+    """The block size / precision checks of the quantizer, both graph builders and export_bundle are the same
+    function (export/options.py): the same option gives the same message everywhere."""
+    import numpy as np
+
+    from phi3v_edge.export import options
+    from phi3v_edge.export.decoder_graph import resolve_options
+    from phi3v_edge.export.quantize import quantize
+    from phi3v_edge.export.vision_graph import build_vision
+    from phi3v_edge.models.checkpoint import CheckpointReader
+
+    cfg = tiny_config()
+    calls = [lambda: quantize(np.zeros((4, 96), np.float32), 4, 48),
+             lambda: resolve_options(cfg, "int4", block_size=48),
+             lambda: build_vision(CheckpointReader(tiny_checkpoint), cfg, tmp_path, precision="int8", block_size=48)]
+    tails = set()
+    for call in calls:
+        with pytest.raises(ValueError) as e:
+            call()
+        tails.add(str(e.value).split("block size ", 1)[1])
+    assert tails == {"48 is not supported (use one of " + ", ".join(map(str, options.BLOCK_SIZES)) + ")"}
+    with pytest.raises(exp.ExportError, match=r"vision precision 'int4' is not supported \(use one of fp32, fp16, int8\)"):
+        build_vision(CheckpointReader(tiny_checkpoint), cfg, tmp_path, precision="int4")
+    with pytest.raises(exp.ExportError, match=r"lm_head precision 'int2' is not supported"):
+        resolve_options(cfg, "int4", lm_head_precision="int2")

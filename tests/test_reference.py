@@ -162,7 +162,8 @@ def test_generation_stops_at_a_stop_id(model):
 def test_decoder_matches_transformers_phi3(tiny_checkpoint, model):
     """Independent oracle: transformers' Phi3ForCausalLM with LongRoPE on the same decoder weights,
     on both sides of the boundary (uncached forward of 20 and of 40 tokens with orig = 32)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     cfg = tiny_config(original_max_position_embeddings=32, max_position_embeddings=4096)
     hf_cfg = transformers.Phi3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
