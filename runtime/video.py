@@ -482,10 +482,22 @@ def decode_data_url(url: str) -> bytes:
         raise VideoError("data URL: the base64 data is malformed") from None
 
 
-def frames_from_data_url(url: str, frames: int | None = None, fps: float | None = None, *,
+def frames_from_data_url(url: str, frames: int | None = None, fps: float | None = None, *, processor=None,
+                         num_crops: int | None = None, max_length: int | None = None, max_new_tokens: int = 1,
                          max_pixels: int | None = DEFAULT_MAX_PIXELS) -> VideoFrames:
-    """video_frames of a `data:video/...;base64,...` URL (the server's `video_url` content part)."""
-    return video_frames(decode_data_url(url), frames, fps, max_pixels=max_pixels)
+    """video_frames of a `data:video/...;base64,...` URL (the server's `video_url` content part).
+
+    With a processor and max_length: the sampled frames alone (at num_crops, with max_new_tokens left) must fit
+    max_length, checked before any frame is decoded (VideoError with the numbers otherwise); the rest of the
+    prompt is the engine's own check."""
+    data = decode_data_url(url)
+    check_sampling(frames, fps)
+    info = probe(data, max_pixels)
+    idx = sample_indices(info, frames, fps)
+    if processor is not None and max_length is not None:
+        crops = getattr(processor, "num_crops", DEFAULT_NUM_CROPS) if num_crops is None else check_num_crops(num_crops)
+        check_budget(processor, info, len(idx), crops, max_length, max_new_tokens)
+    return decode_frames(data, info, idx)
 
 
 # ------------------------------------------------------------------------------------------ CLI glue

@@ -386,3 +386,58 @@ def test_api_generate_and_stream_with_video(clips, rt, as_images):
         rt.generate(prompt, video=b"not a video" * 50)
     assert rt.generate(prompt, video=clips["mp4"], video_fps=1.0, num_crops=1, max_new_tokens=2).token_ids
     assert rt.last_video.timestamps == [0.0, 1.0]  # the runtime stays usable after the errors
+
+
+# ------------------------------------------------------------------------------ the server's video_url
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    """The server's ASGI app over an Engine on the tiny bundle, in process (no socket is opened)."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from phi3v_edge.runtime.engine import Engine
+    from phi3v_edge.runtime.server.app import ServerConfig, create_app
+
+    eng = Engine(tiny_bundle, provider="cpu", max_batch=1, max_length=4096)
+    with TestClient(create_app(eng, ServerConfig(model_name="tiny"), warmup=False)) as c:
+        for _ in range(100):
+            if c.get("/health").status_code == 200:
+                break
+            __import__("time").sleep(0.05)
+        yield c
+
+
+def _chat(client, video_url: dict, **extra):
+    body = {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "num_crops": 1,
+            "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": video_url},
+                                                      {"type": "text", "text": "What happens?"}]}], **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_server_video_url_equals_the_same_frames_as_images(clips, client, as_images):
+    url = "data:video/mp4;base64," + base64.b64encode(open(clips["mp4"], "rb").read()).decode()
+    r = _chat(client, {"url": url, "num_frames": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == as_images[1].text
+    assert body["usage"]["prompt_tokens"] == as_images[1].prompt_tokens
+    assert _chat(client, {"url": url, "fps": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("video_url, words", [
+    ({"url": "data:video/mp4;base64," + base64.b64encode(b"not a video" * 40).decode()}, "not a readable video"),
+    ({"url": "https://example.invalid/clip.mp4"}, "must be a data URL"),
+    ({"url": "CLIP", "num_frames": 0}, "frames must be >= 1"),
+    ({"url": "CLIP", "num_frames": 10, "fps": 1}, "not both"),
+    ({"url": "CLIP", "num_frames": 10, "_crops": 4}, "max_length 4096"),
+])
+def test_server_bad_video_is_a_400_and_the_server_goes_on(clips, client, video_url, words):
+    clip = "data:video/mp4;base64," + base64.b64encode(open(clips["mp4"], "rb").read()).decode()
+    video_url = {k: (clip if v == "CLIP" else v) for k, v in video_url.items() if k != "_crops"}
+    r = _chat(client, video_url, **({"num_crops": 4} if "max_length" in words else {}))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["param"].endswith("video_url") and err["code"] == "invalid_video"
+    assert _chat(client, {"url": clip, "num_frames": 2}).status_code == 200

@@ -155,16 +155,30 @@ async def _prepare(state: ServerState, request: Request) -> tuple[P.ChatRequest,
     cfg = state.config
     if req.images:
         datas = await asyncio.to_thread(lambda: [
-            resolve_image(ref, allow_urls=cfg.allow_image_urls, max_bytes=cfg.max_image_bytes,
-                          timeout=cfg.image_fetch_timeout) for ref in req.images])
+            _clip_frames(state, req, ref) if ref.video is not None else
+            [resolve_image(ref, allow_urls=cfg.allow_image_urls, max_bytes=cfg.max_image_bytes,
+                           timeout=cfg.image_fetch_timeout)] for ref in req.images])
         by_id = {id(ref): d for ref, d in zip(req.images, datas)}
-        for m in req.messages:
-            m["images"] = [by_id[id(ref)] for ref in m["images"]]
+        for m in req.messages:  # a video_url part is its sampled frames
+            m["images"] = [im for ref in m["images"] for im in by_id[id(ref)]]
     try:
         prompt, images = build_prompt(req.messages)
     except (ValueError, TypeError) as e:
         raise P.bad_request(str(e), "messages") from None
     return req, prompt, images
+
+
+def _clip_frames(state: ServerState, req: P.ChatRequest, ref: P.ImageRef) -> list:
+    """A video_url part -> its sampled frames (runtime/video.py; data URLs only; budget-checked before decoding)."""
+    from ..video import frames_from_data_url
+
+    eng, kw = state.engine, req.submit_kwargs
+    try:
+        return frames_from_data_url(ref.url, ref.video["frames"], ref.video["fps"], processor=eng.processor,
+                                    num_crops=kw["num_crops"], max_length=eng.max_length,
+                                    max_new_tokens=kw["max_new_tokens"] or 1).frames
+    except InputError as e:  # VideoError: not a data URL, corrupt clip, bad num_frames / fps, over max_length
+        raise P.bad_request(f"{ref.param}: {e}", ref.param, code="invalid_video") from None
 
 
 async def _submit(state: ServerState, req: P.ChatRequest, prompt: str, images: list):

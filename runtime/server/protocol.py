@@ -9,7 +9,9 @@ Plain Python (no web framework), so every rule here is testable without a server
 
 What is accepted: roles system / developer (as system) / user / assistant; content as a string or a list of
 {"type": "text"} and {"type": "image_url"} parts (images in user messages only; a message's images come
-before its text, as in the model's chat template; several text parts are joined with a newline);
+before its text, as in the model's chat template; several text parts are joined with a newline), and
+{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,...", "num_frames": N | "fps": F}} parts
+(a clip: its sampled frames are the message's images, runtime/video.py);
 max_tokens / max_completion_tokens, temperature (0 = greedy; OpenAI's default 1.0 samples), top_p, seed, stop
 (a string or up to 4), n, logprobs / top_logprobs (<= 5), stream / stream_options.include_usage, and the
 extras top_k, repetition_penalty, num_crops and ignore_eos (as in vLLM: the model's stop tokens do not end
@@ -78,6 +80,7 @@ class ImageRef:
     """An image part as sent: a data URL or an http(s) URL (resolved to bytes by images.py)."""
     url: str
     param: str  # where it was in the body, e.g. "messages[0].content[1].image_url"
+    video: dict | None = None  # a video_url part: {"frames": N | None, "fps": F | None}, sampled by runtime/video.py
 
 
 @dataclass
@@ -155,6 +158,17 @@ def _image_url(part: dict, where: str) -> str:
     return url
 
 
+def _video_ref(part: dict, where: str) -> ImageRef:
+    """{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,...", "num_frames": N | "fps": F}}: a clip
+    whose sampled frames (runtime/video.py: N evenly, default 4, or F per second) become the message's images."""
+    vu = part.get("video_url")
+    url = vu.get("url") if isinstance(vu, dict) else vu
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{where}.video_url must be an object with a 'url' string", f"{where}.video_url")
+    opts = vu if isinstance(vu, dict) else {}
+    return ImageRef(url, f"{where}.video_url", video={"frames": opts.get("num_frames"), "fps": opts.get("fps")})
+
+
 def _message(i: int, m: Any, images: list[ImageRef], limits: Limits) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
@@ -188,8 +202,12 @@ def _message(i: int, m: Any, images: list[ImageRef], limits: Limits) -> dict:
                 if role != "user":
                     raise bad_request(f"{pw}: images are accepted in user messages only", pw)
                 refs.append(ImageRef(_image_url(part, pw), f"{pw}.image_url"))
+            elif kind == "video_url":  # a clip: its sampled frames are images (resolved in app._prepare)
+                if role != "user":
+                    raise bad_request(f"{pw}: videos are accepted in user messages only", pw)
+                refs.append(_video_ref(part, pw))
             else:
-                raise bad_request(f"{pw} must be an object with type 'text' or 'image_url', got "
+                raise bad_request(f"{pw} must be an object with type 'text', 'image_url' or 'video_url', got "
                                   f"{kind if isinstance(kind, str) else _type_name(part)!r}", f"{pw}.type")
     else:
         raise bad_request(f"{where}.content must be a string or a list of content parts, got {_type_name(content)}",
