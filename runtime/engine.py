@@ -135,7 +135,7 @@ class Engine:
         self.prefill_budget = int(prefill_budget)
         self.rows: list[Row] = []
         self.counters = {"requests": 0, "prefills": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0,
-                         "decode_steps": 0, "long_recomputes": 0}
+                         "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "long_recomputes": 0}
         self._ids = itertools.count(1)
         self._forget_all = False
         self._closing = False
@@ -200,7 +200,8 @@ class Engine:
 
     def stats(self) -> dict:
         """running / waiting requests, max_batch, free_slots, and the loop's counters since start: requests,
-        prefills, prefill_tokens, prefix_tokens_reused, decode_steps, long_recomputes."""
+        prefills, prefill_tokens, prefix_tokens_reused, decode_steps, decode_rows (rows summed over the steps),
+        decode_s (seconds inside decode steps), long_recomputes."""
         return {**self.scheduler.stats(), **self.counters}
 
     def forget(self) -> None:
@@ -402,6 +403,7 @@ class Engine:
         for r in batched:
             i = r.slot.index
             tokens[i], positions[i], long[i] = r.pending, len(r.slot.tokens), r.slot.long
+        t0 = time.perf_counter()
         try:
             dec.step(b, tokens, positions, long)
         except BaseException as e:
@@ -409,7 +411,10 @@ class Engine:
             for r in batched:
                 self._fail_row(r, e)
             return
-        self.counters["decode_steps"] += 1
+        c = self.counters
+        c["decode_steps"] += 1
+        c["decode_rows"] += len(batched)
+        c["decode_s"] += time.perf_counter() - t0
         for r in batched:
             r.slot.tokens.append(int(r.pending))
         greedy = [r for r in batched if r.sampler.params.device_argmax and r.logprobs is None]
