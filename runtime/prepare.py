@@ -21,7 +21,8 @@ import numpy as np
 
 from .errors import InputError
 from .image_layout import layout_index, valid_crops
-from .image_transform import check_num_crops, preprocess_images
+from .frames import preprocess_same_size  # preprocess_images, bit for bit, batched per image size (video frames)
+from .image_transform import check_num_crops
 from .processor import Phi3VProcessor, check_placeholders, image_list
 
 DEFAULT_FEATURE_CACHE_BYTES = 256 << 20
@@ -85,8 +86,8 @@ class Preparer:
             keys = [_key(im, crops) for im in images]
             hits = [self.cache.get(k) for k in keys]
             todo = [i for i, h in enumerate(hits) if h is None]
-            pv, sizes, ntok = (preprocess_images([images[i] for i in todo], crops, proc.image_mean, proc.image_std,
-                                                 proc.max_pixels) if todo else (None, None, []))
+            pv, sizes, ntok = (preprocess_same_size([images[i] for i in todo], crops, proc.image_mean,
+                                                    proc.image_std, proc.max_pixels) if todo else (None, None, []))
             num_tokens = [h[0] if h is not None else 0 for h in hits]
             for j, i in enumerate(todo):
                 num_tokens[i] = ntok[j]
