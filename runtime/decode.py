@@ -7,9 +7,10 @@ Buffers (allocated once per engine, on the session's device; N = max_batch, M = 
     step_pos        int64 [N, 1]      each row's position_ids (its position, + M under the long LongRoPE factors)
     seqlens_k       int32 [N]         each row's total length after the step - 1
     total_len       int32 []          host (GroupQueryAttention reads it on the CPU): the largest total length
-                                      of the rows, or M under CUDA graphs (a replayed graph keeps the captured
-                                      host value, so it is fixed at the capacity; rows' lengths come from the
-                                      device-side seqlens_k)
+                                      of the rows; M for decode steps under CUDA graphs (a replayed graph keeps
+                                      the captured host value, so it is fixed at the capacity and the rows'
+                                      lengths come from the device-side seqlens_k, as onnxruntime-genai does;
+                                      prefill, never captured, gets the real total)
     cos, sin        io    [2 M, head_dim/2]  the stacked [short; long] LongRoPE tables, written once
     logits          io    [N, 1, vocab]      each row's last-position logits
     no_features     io    [0, hidden]        image_features of a decode step (no image rows)
@@ -82,9 +83,12 @@ class Decoder:
     """decoder.onnx with its slotted KV cache and step buffers."""
 
     def __init__(self, path: str | Path, rope: dict, max_length: int, provider: str = "cpu", *, max_batch: int = 1,
-                 device_id: int = 0, cuda_graph: bool = False, threads: int | None = None, all_logits: bool = False):
+                 device_id: int = 0, cuda_graph: bool = False, threads: int | None = None, all_logits: bool = False,
+                 total_at_capacity: bool | None = None):
         self.provider, self.device, self.device_id = provider, device_of(provider), device_id
         self.cuda_graph = bool(cuda_graph)
+        # decode steps feed total_sequence_length = max_length (what graph replay needs); None: with CUDA graphs
+        self.total_at_capacity = self.cuda_graph if total_at_capacity is None else bool(total_at_capacity)
         self.session = create_session(path, provider, device_id=device_id, cuda_graph=cuda_graph, threads=threads,
                                       what=Path(path).name)
         self.rope = rope
@@ -150,8 +154,10 @@ class Decoder:
         b.bind_ortvalue_input(fmt.COS_CACHE, self.cos)
         b.bind_ortvalue_input(fmt.SIN_CACHE, self.sin)
 
-    def _set_total(self, total: int) -> None:
-        self._tot_host[()] = self.max_length if self.cuda_graph else total
+    def _set_total(self, total: int, replayed: bool = False) -> None:
+        """The host total_sequence_length: the real one, except for steps that replay a CUDA graph (the
+        captured value is what the kernels see: the capacity, with the lengths from seqlens_k)."""
+        self._tot_host[()] = self.max_length if (replayed and self.total_at_capacity) else total
         self.total_len.update_inplace(self._tot_host)
 
     def bucket_for(self, rows: int) -> int:
@@ -240,7 +246,7 @@ class Decoder:
             totals.append(pos + 1)
         for buf in (self.step_ids, self.step_pos, self.seqlens_k):
             buf.push()
-        self._set_total(max(totals))
+        self._set_total(max(totals), replayed=True)
         bd, ro = self._step_binding(b)
         self.session.run_with_iobinding(bd, ro)
         for r in range(b):

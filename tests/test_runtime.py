@@ -556,6 +556,26 @@ def test_kv_cache_rows_match_a_fresh_prefill(decoder, rt):
     np.testing.assert_allclose(v_inc, v_one, rtol=1e-4, atol=1e-5)
 
 
+def test_decode_steps_with_total_at_capacity_equal_plain_steps(rt, tiny_bundle):
+    """The CUDA-graph scheme (total_sequence_length fixed at max_length, lengths from seqlens_k per row) gives the
+    plain scheme's logits on the CPU kernels too, for rows of different lengths in one step."""
+    from phi3v_edge.runtime.decode import Decoder
+
+    ids = rt.processor.tokenize(TEXT, [])[0]
+    out = []
+    for cap in (False, True):
+        dec = Decoder(Path(tiny_bundle) / "decoder.onnx", rt.rope, 256, "cpu", max_batch=2, total_at_capacity=cap)
+        dec.prefill(0, ids, None, 0, False)
+        dec.prefill(1, ids[:7], None, 0, False)
+        rows = []
+        for _ in range(6):
+            toks = dec.argmax(0, 2)
+            dec.step(2, [int(t) for t in toks], list(dec.cache.lengths), [False, False])
+            rows.append(dec.logits_rows(0, 2).copy())
+        out.append(np.stack(rows))
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
 def test_runtime_imports_no_torch(tiny_bundle):
     code = (
         "import sys\n"
