@@ -13,7 +13,6 @@ import base64
 import http.server
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 
 from phi3v_edge.models.demo import EXAMPLES, demo_bundle, load_questions
 from phi3v_edge.runtime.chat_template import build_prompt
+from phi3v_edge.runtime.server.launch import ServeProcess
 
 KEY = "test-key-123"
 MODEL = "demo-int4"
@@ -37,66 +37,13 @@ LONG = 1500  # tokens of an ignore_eos reply: ~10 s on 2 cores, far longer than 
 
 
 # ---- the server process ---------------------------------------------------------------------------------
-class Server:
-    """`phi3v-edge serve BUNDLE --port 0 ...` in a subprocess; the port comes from its first stdout line."""
+class Server(ServeProcess):
+    """`phi3v-edge serve BUNDLE --port 0 ...` (runtime/server/launch.py) with the clients the tests use."""
 
     def __init__(self, bundle: Path, log_path: Path, *args: str):
         env = {k: v for k, v in os.environ.items() if k != "PHI3V_EDGE_API_KEY"}
-        cmd = [sys.executable, "-m", "phi3v_edge.runtime.cli", "serve", str(bundle), "--host", "127.0.0.1",
-               "--port", "0", "--provider", "cpu", "--served-model-name", MODEL, "--max-length", str(MAX_LENGTH),
-               *args]
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
-                                     text=True, env=env)
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.url = None
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self._lines.put(line)
-
-    def start(self, timeout: float = 120.0) -> "Server":
-        deadline = time.monotonic() + timeout
-        while self.url is None:
-            try:
-                line = self._lines.get(timeout=0.2)
-            except queue.Empty:
-                line = ""
-            if "listening on http://" in line:
-                self.url = line.strip().split("listening on ")[1]
-            self._check_alive(deadline)
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            self._check_alive(deadline)
-            time.sleep(0.1)
-
-    def _check_alive(self, deadline: float) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server not ready in time:\n{self.log()}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return Path(self.log_path).read_text()[-4000:]
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(bundle, ["--provider", "cpu", "--served-model-name", MODEL, "--max-length",
+                                  str(MAX_LENGTH), *args], log_path=log_path, env=env)
 
     def client(self, key: str | None = KEY, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0,

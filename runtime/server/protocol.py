@@ -14,8 +14,9 @@ before its text, as in the model's chat template; several text parts are joined 
 (a clip: its sampled frames are the message's images, runtime/video.py);
 max_tokens / max_completion_tokens, temperature (0 = greedy; OpenAI's default 1.0 samples), top_p, seed, stop
 (a string or up to 4), n, logprobs / top_logprobs (<= 5), stream / stream_options.include_usage, and the
-extras top_k, repetition_penalty, num_crops and ignore_eos (as in vLLM: the model's stop tokens do not end
-the reply). frequency_penalty / presence_penalty other than 0, logit_bias, tools, function calling and
+extras top_k, repetition_penalty, num_crops, ignore_eos (as in vLLM: the model's stop tokens do not end
+the reply) and timings (the engine's own seconds per row, in a "timings" field: completion body, or a chunk with
+no choices before the usage chunk). frequency_penalty / presence_penalty other than 0, logit_bias, tools, function calling and
 non-text response formats are rejected with a 400 that names the field. Other unknown fields are ignored
 (clients send `user`, `metadata`, ...).
 """
@@ -93,6 +94,7 @@ class ChatRequest:
     logprobs: bool = False
     n: int = 1
     images: list[ImageRef] = field(default_factory=list)  # all image refs, in prompt order
+    timings: bool = False  # extra: add the engine's timings of each row to the answer (benchmarks)
 
 
 # ---- field checks -------------------------------------------------------------------------------------
@@ -277,6 +279,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     num_crops = _int(body, "num_crops", 1, 16)
     ignore_eos = _bool(body, "ignore_eos")
+    timings = _bool(body, "timings")
     kw: dict[str, Any] = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                               top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
                               repetition_penalty=1.0 if rep is None else rep, seed=seed, stop=_stop(body),
@@ -285,7 +288,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         kw["stop_ids"] = ()
     if not kw["do_sample"]:  # greedy: the sampling filters do not apply
         kw.update(temperature=1.0, top_k=0, top_p=1.0)
-    return ChatRequest(model, messages, kw, stream, include_usage, logprobs, n, images)
+    return ChatRequest(model, messages, kw, stream, include_usage, logprobs, n, images, timings)
 
 
 # ---- responses ------------------------------------------------------------------------------------------
