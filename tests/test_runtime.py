@@ -438,6 +438,10 @@ def test_bundle_errors(rt, baseline, tiny_bundle, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="format version 99"):
         Phi3VRuntime(b, provider="cpu")
+    m["format_version"] = 1  # the batch-1 decoder of the single-request runtime
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format version 1; .*re-export"):
+        Phi3VRuntime(b, provider="cpu")
 
     b = _bundle_copy(tiny_bundle, tmp_path / "corrupt", copy=("decoder.onnx",))
     data = bytearray((b / "decoder.onnx").read_bytes())
