@@ -18,6 +18,7 @@ from typing import Callable
 from phi3v_edge.models.checkpoint import SIDE_FILES, CheckpointReader, resolve_checkpoint
 from phi3v_edge.models.config import ASSETS_DIR, Phi3VConfig
 from phi3v_edge.runtime import bundle as fmt
+from phi3v_edge.runtime.model_facts import CROP_SIZE
 
 from .decoder_graph import build_decoder
 from .options import ACCURACY_LEVELS, PRECISIONS, TARGETS, VISION_PRECISIONS, ExportError, check_choice
@@ -261,6 +262,6 @@ def _manifest(cfg: Phi3VConfig, src: Path, checkpoint, tmp: Path, vision: dict, 
         "tokens": {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id,
                    "stop_ids": list(cfg.stop_ids), "vocab_size": cfg.vocab_size},
         "processor": {"num_crops": int(pre.get("num_crops", 4)), "num_img_tokens": cfg.num_img_tokens,
-                      "crop_size": 336, "files": side},
+                      "crop_size": CROP_SIZE, "files": side},
         "files": fmt.describe_files(tmp, files),
     }

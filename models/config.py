@@ -6,15 +6,20 @@ config without building a model. Unsupported values fail here, with a message th
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from phi3v_edge.runtime.model_facts import (  # noqa: F401  (the model facts' one home; re-exported for models/)
+    CROP_SIZE,
+    STOP_IDS,
+    crosses_to_long,
+    rope_attention_factor,
+    uses_long_factors,
+)
+from phi3v_edge.runtime.model_facts import TOKENS_PER_CROP as NUM_IMG_TOKENS_PER_CROP  # 144: (336 / 14 / 2) ** 2
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "phi35v"  # the real config + tokenizer files
-STOP_IDS = (2, 32000, 32007)  # </s>, <|endoftext|>, <|end|>
-CROP_SIZE = 336  # pixels per HD crop side
-NUM_IMG_TOKENS_PER_CROP = 144  # (336 / 14 / 2) ** 2 after the 2x2 merge
 
 
 class ConfigError(ValueError):
@@ -102,17 +107,14 @@ class Phi3VConfig:
         """cos and sin are both scaled by this (LongRoPE); 1.0 when no context extension."""
         if self.rope_type is None:
             return 1.0
-        scale = self.max_position_embeddings / self.original_max_position_embeddings
-        if scale <= 1.0:
-            return 1.0
-        return math.sqrt(1.0 + math.log(scale) / math.log(self.original_max_position_embeddings))
+        return rope_attention_factor(self.max_position_embeddings, self.original_max_position_embeddings)
 
     def rope_factors(self, total_length: int) -> list[float] | None:
         """LongRoPE rescale factors for a sequence whose total length is `total_length`:
         short while total_length <= original_max_position_embeddings, long beyond."""
         if self.rope_type is None:
             return None
-        if total_length > self.original_max_position_embeddings:
+        if uses_long_factors(total_length, self.original_max_position_embeddings):
             return self.rope_long_factor
         return self.rope_short_factor
 

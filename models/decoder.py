@@ -31,7 +31,8 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """Per-layer keys and values [B, kv_heads, T, head_dim], grown by concatenation (reference only:
-    the runtime preallocates max_length instead)."""
+    the runtime preallocates max_length instead). A twin of runtime/kv_cache.py on purpose (the accuracy
+    oracle): tests/test_runtime.py::test_longrope_crossing_matches_reference ties them across the boundary."""
 
     def __init__(self, num_layers: int):
         self.k: list[torch.Tensor | None] = [None] * num_layers

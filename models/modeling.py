@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_weights, resolve_checkpoint
-from .config import Phi3VConfig
+from .config import Phi3VConfig, crosses_to_long
 from .decoder import KVCache, Phi3DecoderLayer, RMSNorm, has_flash_attn
 from .rope import rope_cos_sin
 from .sampling import sample_next
@@ -132,7 +132,7 @@ class Phi3VForCausalLM(nn.Module):
             new = self.model.embed_tokens(torch.tensor([[tok]], device=input_ids.device))
             embeds = torch.cat([embeds, new], dim=1)
             total = embeds.shape[1]
-            crossing = cfg.rope_type is not None and total - 1 <= orig < total
+            crossing = cfg.rope_type is not None and crosses_to_long(total - 1, total, orig)
             if not use_cache or crossing:  # full recompute (always when uncached; once at the crossing)
                 cache = KVCache(cfg.num_hidden_layers) if use_cache else None
                 logits = self(inputs_embeds=embeds, cache=cache).logits[:, -1]

@@ -3,6 +3,10 @@
 The factor set is chosen by the TOTAL sequence length (max position + 1): short factors up to
 `original_max_position_embeddings`, long beyond. cos and sin are both scaled by
 `cfg.rope_attention_factor`. Rotation is the non-interleaved (rotate_half) form.
+The rule itself lives in runtime/model_facts.py.
+
+A twin of runtime/rope.py on purpose (the accuracy oracle): tests/test_decoder_export.py
+::test_fp32_text_short_and_across_longrope_boundary ties the bundle's tables to these on both sides.
 """
 from __future__ import annotations
 

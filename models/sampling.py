@@ -1,4 +1,8 @@
-"""Next-token choice for the PyTorch reference: greedy, or temperature -> top-k -> top-p sampling."""
+"""Next-token choice for the PyTorch reference: greedy, or temperature -> top-k -> top-p sampling.
+
+A twin of runtime/sampler.py on purpose (the accuracy oracle): greedy choices are tied to the runtime by
+tests/test_runtime.py::test_text_prompt_matches_reference; sampled draws use torch's RNG, so they are not.
+"""
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_checkpoint
+from ..runtime.model_facts import CROP_SIZE, PATCH_SIZE
 from .config import ASSETS_DIR, Phi3VConfig
 
 
@@ -34,7 +35,7 @@ def tiny_config(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, 
         d["rope_scaling"] = None
     d["img_processor"] = dict(d["img_processor"], image_dim_out=vision_hidden, vision_config=dict(
         hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads, image_size=336, patch_size=14))
+        num_attention_heads=vision_heads, image_size=CROP_SIZE, patch_size=PATCH_SIZE))
     return Phi3VConfig.from_dict(d)
 
 

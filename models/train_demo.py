@@ -60,10 +60,8 @@ from .checkpoint import save_checkpoint
 from .config import ASSETS_DIR, Phi3VConfig
 from .modeling import Phi3VForCausalLM
 from .rope import apply_rope, rope_cos_sin
-from ..runtime.image_layout import TOKENS_PER_CROP, layout_index
-
-END_ID = 32007  # <|end|>
-PAD_ID = 32000
+from ..runtime.image_layout import layout_index
+from ..runtime.model_facts import CROP_SIZE, END_ID, PAD_ID, PATCH_SIZE, TOKENS_PER_CROP
 
 # narrow and shallow; vocab, tokenizer, crop/patch sizes and LongRoPE lengths stay the real ones
 DEMO_SIZES = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
@@ -91,7 +89,7 @@ def demo_config(hidden_size: int = 128, num_hidden_layers: int = 2, num_attentio
                          "long_factor": rs["long_factor"][::step]}
     d["img_processor"] = dict(d["img_processor"], image_dim_out=vision_hidden_size, vision_config=dict(
         hidden_size=vision_hidden_size, intermediate_size=vision_intermediate_size, num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+        num_attention_heads=vision_heads, image_size=CROP_SIZE, patch_size=PATCH_SIZE, hidden_act="quick_gelu", layer_norm_eps=1e-5))
     return Phi3VConfig.from_dict(d)
 
 
@@ -170,7 +168,7 @@ class PoolImage:
 def process_image(proc, image) -> tuple[torch.Tensor, tuple[int, int], int]:
     out = proc("<|image_1|>", images=[image])
     h, w = (int(v) for v in out.image_sizes[0])
-    rows, cols = h // 336, w // 336
+    rows, cols = h // CROP_SIZE, w // CROP_SIZE
     return torch.from_numpy(out.pixel_values[0, : 1 + rows * cols]), (rows, cols), int(out.num_img_tokens[0])
 
 
@@ -512,10 +510,10 @@ def check_packing(model: Phi3VForCausalLM, group: Group) -> float:
         worst = 0.0
         for j, br in enumerate(group.branches):
             ids = torch.tensor([group.prefix + br.prompt + br.target])
-            pv = torch.zeros(len(group.images), max(c.shape[0] for c in group.images), 3, 336, 336)
+            pv = torch.zeros(len(group.images), max(c.shape[0] for c in group.images), 3, CROP_SIZE, CROP_SIZE)
             for i, c in enumerate(group.images):
                 pv[i, : c.shape[0]] = c.float()
-            sizes = torch.tensor([[r * 336, c * 336] for r, c in group.grids])
+            sizes = torch.tensor([[r * CROP_SIZE, c * CROP_SIZE] for r, c in group.grids])
             ref = model(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits[0]
             t0 = len(group.prefix) + len(br.prompt) - 1
             ref = ref[t0:t0 + len(br.target)]
@@ -573,7 +571,7 @@ def heldout_groups(proc, tok: Tokens, n: int) -> tuple[list[Group], list[dict]]:
         out = proc(demo_data.prompt(ex), images=ex["images"])
         imgs = []
         for i, t in enumerate(out.num_img_tokens):
-            h, w = (int(v) // 336 for v in out.image_sizes[i])
+            h, w = (int(v) // CROP_SIZE for v in out.image_sizes[i])
             imgs.append(PoolImage(torch.from_numpy(out.pixel_values[i, : 1 + h * w].copy()), (h, w), t, None))
         groups.append(group_for(tok, imgs, [(ex["task"], ex["question"], ex["answer"])]))
     return groups, exs

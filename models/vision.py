@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Phi3VConfig, VisionConfig
+from .config import CROP_SIZE, Phi3VConfig, VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ class Phi3ImageEmbedding(nn.Module):
         """pixel_values [N, crops+1, 3, 336, 336], image_sizes [N, 2] (padded h, w) -> N tensors [T_i, hidden]."""
         out = []
         for i in range(pixel_values.shape[0]):
-            h, w = (int(v) // 336 for v in image_sizes[i])
+            h, w = (int(v) // CROP_SIZE for v in image_sizes[i])
             merged = self.crop_features(pixel_values[i, : 1 + h * w])
             out.append(self.img_projection(self.layout(merged, h, w)))
         return out

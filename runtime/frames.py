@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .image_layout import CROP
+from .image_layout import CROP, image_grid, num_image_tokens
 from .image_transform import (
     CLIP_MEAN,
     CLIP_STD,
@@ -39,7 +39,6 @@ from .image_transform import (
     check_num_crops,
     hd_resize_size,
     load_image,
-    num_image_tokens,
 )
 
 
@@ -170,4 +169,4 @@ def _same_size(rgb: list[Image.Image], num_crops: int, mean, std, pixel_values: 
         # tiles row-major: [3, rows, 336, cols, 336] -> [rows*cols, 3, 336, 336]
         pixel_values[row, 1: 1 + n_tiles] = full.reshape(3, rows, CROP, cols, CROP).transpose(1, 3, 0, 2, 4).reshape(
             n_tiles, 3, CROP, CROP)
-    return (h, w), num_image_tokens(h, w)
+    return (h, w), num_image_tokens(*image_grid((h, w)))

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-CROP = 336
-GRID = 12  # merged tokens per crop side (336 / 14 / 2)
-TOKENS_PER_CROP = GRID * GRID
+from .model_facts import CROP_SIZE as CROP
+from .model_facts import MERGED_GRID as GRID  # merged tokens per crop side (336 / 14 / 2)
+from .model_facts import TOKENS_PER_CROP, num_image_tokens  # noqa: F401  (one home: runtime/model_facts.py)
 
 
 def image_grid(image_size) -> tuple[int, int]:
@@ -23,10 +23,6 @@ def image_grid(image_size) -> tuple[int, int]:
     if h <= 0 or w <= 0 or h % CROP or w % CROP:
         raise ValueError(f"image size {h}x{w} is not a positive multiple of {CROP}")
     return h // CROP, w // CROP
-
-
-def num_image_tokens(rows: int, cols: int) -> int:
-    return (rows * cols + 1) * TOKENS_PER_CROP + 1 + (rows + 1) * GRID
 
 
 def layout_index(grids: list[tuple[int, int]]) -> np.ndarray:

@@ -11,9 +11,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import image_layout
 from .errors import InputError
-from .image_layout import CROP  # side of one CLIP crop (ViT-L/14-336) in pixels
+from .image_layout import CROP, image_grid, num_image_tokens  # CROP: side of one CLIP crop (ViT-L/14-336) in pixels
 
 NUM_CROPS_MIN, NUM_CROPS_MAX = 1, 16
 DEFAULT_NUM_CROPS = 4
@@ -195,14 +194,9 @@ def hd_image_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
     return (new_w, pad_h) if transposed else (pad_h, new_w)
 
 
-def num_image_tokens(h: int, w: int) -> int:
-    """Placeholder tokens for one image whose padded HD size is h x w (multiples of 336)."""
-    return image_layout.num_image_tokens(*image_layout.image_grid((h, w)))
-
-
 def num_image_tokens_for(width: int, height: int, num_crops: int = DEFAULT_NUM_CROPS) -> int:
     """Placeholder tokens for an image of the given original size, without touching any pixels."""
-    return num_image_tokens(*hd_image_size(width, height, check_num_crops(num_crops)))
+    return num_image_tokens(*image_grid(hd_image_size(width, height, check_num_crops(num_crops))))
 
 
 def hd_transform(img: Image.Image, num_crops: int) -> np.ndarray:
@@ -291,19 +285,11 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return taps, w
 
 
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """The same interpolation as a dense matrix [out_size, in_size] float32 (rows sum to 1)."""
-    taps, w = bicubic_taps(in_size, out_size)
-    m = np.zeros((out_size, in_size), dtype=np.float64)
-    np.add.at(m, (np.repeat(np.arange(out_size), 4), taps.ravel()), w.ravel().astype(np.float64))
-    return m.astype(np.float32)
-
-
 def resize_bicubic(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """float32 [C, H, W] -> [C, out_h, out_w], torch-compatible bicubic, separable.
 
-    Equivalent to ``bicubic_matrix(H, out_h) @ x @ bicubic_matrix(W, out_w).T`` but applied as
-    4-tap gathers (the matrices have 4 non-zeros per row), which is ~50x less work than dense
+    Equivalent to ``A @ x @ B.T`` with the dense interpolation matrices A [out_h, H], B [out_w, W], but
+    applied as 4-tap gathers (the matrices have 4 non-zeros per row), which is ~50x less work than dense
     matmuls on a large HD image.
     """
     _, h, w = x.shape
@@ -347,7 +333,7 @@ def image_crops(
     out = np.zeros((num_crops + 1, 3, CROP, CROP), dtype=np.float32)  # [num_crops+1, 3, 336, 336]
     out[0] = resize_bicubic(hd, CROP, CROP)
     out[1 : 1 + n_tiles] = to_tiles(hd)
-    return out, (h, w), num_image_tokens(h, w)
+    return out, (h, w), num_image_tokens(*image_grid((h, w)))
 
 
 def preprocess_images(

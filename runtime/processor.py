@@ -141,7 +141,7 @@ class Phi3VProcessor:
             max_pixels=max_pixels,
         )
 
-    def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
+    def num_image_tokens_for(self, width: int, height: int, num_crops: int | None = None) -> int:
         """Placeholder tokens an image of this original size will take (no pixel work)."""
         return num_image_tokens_for(width, height, self.num_crops if num_crops is None else num_crops)
 

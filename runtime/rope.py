@@ -5,16 +5,19 @@ both tables scaled by the attention factor sqrt(1 + ln(max/orig) / ln(orig)).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from .model_facts import rope_attention_factor, uses_long_factors
 
 
 def attention_factor(rope: dict) -> float:
+    """The manifest's `rope.attention_factor` (load_manifest checks it against the rule in model_facts), or the
+    rule itself for a `rope` section without it; 1.0 without LongRoPE."""
     if not rope.get("type"):
         return 1.0
-    scale = rope["max_position_embeddings"] / rope["original_max_position_embeddings"]
-    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"]))
+    if "attention_factor" in rope:
+        return float(rope["attention_factor"])
+    return rope_attention_factor(rope["max_position_embeddings"], rope["original_max_position_embeddings"])
 
 
 def cos_sin_tables(rope: dict, head_dim: int, max_length: int, long: bool, dtype=np.float32):
@@ -32,7 +35,7 @@ def cos_sin_tables(rope: dict, head_dim: int, max_length: int, long: bool, dtype
 
 def needs_long(rope: dict, total_length: int) -> bool:
     """Which factor set a sequence of this total length uses."""
-    return bool(rope.get("type")) and total_length > rope["original_max_position_embeddings"]
+    return bool(rope.get("type")) and uses_long_factors(total_length, rope["original_max_position_embeddings"])
 
 
 def stacked_tables(rope: dict, head_dim: int, max_length: int, dtype=np.float32):

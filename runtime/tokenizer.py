@@ -7,12 +7,8 @@ from typing import Iterable, Iterator
 
 import tokenizers
 
-BOS_ID = 1
-EOS_ID = 2  # </s>
-ENDOFTEXT_ID = 32000  # <|endoftext|>
-END_ID = 32007  # <|end|>
-# Generation stops at any of these (generation_config eos 2, <|endoftext|>, <|end|>).
-STOP_IDS = (EOS_ID, ENDOFTEXT_ID, END_ID)
+# the special ids (one home: runtime/model_facts.py); generation stops at STOP_IDS (2, 32000, 32007)
+from .model_facts import BOS_ID, END_ID, ENDOFTEXT_ID, EOS_ID, STOP_IDS  # noqa: F401
 
 _REPLACEMENT = "\ufffd"
 

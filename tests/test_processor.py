@@ -288,7 +288,7 @@ def test_bad_inputs_raise_value_error_and_processor_survives(proc, tmp_path):
     for bad, msg in cases:
         with pytest.raises(ValueError, match=msg):
             proc("<|image_1|>", [bad])
-        assert proc("<|image_1|>", [good]).num_img_tokens == [proc.num_image_tokens(30, 20)]
+        assert proc("<|image_1|>", [good]).num_img_tokens == [proc.num_image_tokens_for(30, 20)]
 
 
 def test_pixel_limit_configurable_and_pil_bomb_error():
@@ -562,7 +562,7 @@ def test_bad_arrays_are_clear_input_errors(proc, bad, words):
                  lambda: it.load_image(bad)):
         with pytest.raises(InputError, match=words):
             call()
-    assert proc("<|image_1|>", np.zeros((20, 30, 3), np.uint8)).num_img_tokens == [proc.num_image_tokens(30, 20)]
+    assert proc("<|image_1|>", np.zeros((20, 30, 3), np.uint8)).num_img_tokens == [proc.num_image_tokens_for(30, 20)]
 
 
 def test_image_list_forms():
