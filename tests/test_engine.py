@@ -225,3 +225,22 @@ def test_queue_full_and_shutdown(bundle):
         eng.shutdown(drain_timeout=5)
     with pytest.raises(EngineClosed):
         eng.submit(text(10), max_new_tokens=4)
+
+
+def test_demo_model_examples_batched_equal_sequential():
+    """The bundled demo model (INT4): its example questions all at once, 4 rows a step, give the answers they give
+    one by one, and the expected ones (the committed checkpoint answers all of them; the floor allows one miss)."""
+    from phi3v_edge.models.demo import demo_bundle, load_questions
+
+    qs = load_questions()
+    eng = Engine(demo_bundle("cpu", log=lambda *a: None), provider="cpu", max_batch=4, max_length=2048)
+    try:
+        prompts = [build_prompt([{"role": "user", "content": q["question"], "images": q["images"]}]) for q in qs]
+        seq = [eng.submit(p, i, max_new_tokens=8, reuse_prefix=False).result(timeout=120) for p, i in prompts]
+        handles = [eng.submit(p, i, max_new_tokens=8, reuse_prefix=False) for p, i in prompts]
+        together = [h.result(timeout=120) for h in handles]
+    finally:
+        eng.shutdown(drain_timeout=5)
+    assert [r.token_ids for r in together] == [r.token_ids for r in seq]
+    right = sum(r.text.strip() == q["answer"] for r, q in zip(together, qs))
+    assert right >= len(qs) - 1, [r.text for r in together]
