@@ -65,6 +65,7 @@ class ClipInfo:
     codec: str
     what: str  # how to name the clip in messages
     start_pts: int = 0  # pts of the first frame, in the stream's time base (seek targets)
+    keyframes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # frame indices, increasing
 
     @property
     def num_frames(self) -> int:
@@ -148,13 +149,15 @@ def probe(source: VideoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> C
                              "file, or a codec this FFmpeg build lacks)")
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         tb = float(stream.time_base) if stream.time_base else None
-        pts, ends = [], []
+        pts, ends, keys = [], [], []
         try:
             for packet in container.demux(stream):
                 if packet.size == 0 or packet.pts is None:  # the flush packet, or a packet without a time
                     continue
                 pts.append(int(packet.pts))
                 ends.append(int(packet.pts) + int(packet.duration or 0))
+                if packet.is_keyframe:
+                    keys.append(int(packet.pts))
         except Exception as e:
             raise VideoError(f"cannot read video {what}: corrupt data ({_ffmpeg_msg(e)})") from None
         codec = ctx.name
@@ -168,6 +171,7 @@ def probe(source: VideoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> C
     if tb is None:
         raise VideoError(f"cannot read video {what}: its stream has no time base")
     order = np.sort(np.asarray(pts, dtype=np.int64))
+    keyframes = np.searchsorted(order, np.asarray(sorted(keys), dtype=np.int64))  # [k] frame indices, increasing
     start = int(order[0])
     times = (order - start).astype(np.float64) * tb  # [K] seconds
     end = max(ends)
@@ -177,7 +181,7 @@ def probe(source: VideoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> C
     else:
         duration = (end - start) * tb
     duration = max(duration, float(times[-1]))
-    return ClipInfo(width, height, duration, times, codec, what, start)
+    return ClipInfo(width, height, duration, times, codec, what, start, keyframes)
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -316,13 +320,26 @@ def check_budget(processor, info: ClipInfo, num_frames: int, num_crops: int, max
 # --------------------------------------------------------------------------------------------- decode
 
 
-SEEK_GAP_S = 2.0  # seek (to the keyframe before it) when the next chosen frame is this far ahead of the decoder
+SEEKING = True  # False: always decode front to back (the tests compare both)
+
+
+def _seek_target(info: ClipInfo, k: int, i: int) -> int | None:
+    """The keyframe to seek to for frame i with the decoder at frame k: the last keyframe <= i when it lies
+    beyond the next frame the decoder would give (seeking then skips work); else None (decode on)."""
+    if not SEEKING or info.keyframes.size == 0:
+        return None
+    j = int(np.searchsorted(info.keyframes, i, side="right")) - 1
+    if j < 0:
+        return None
+    kf = int(info.keyframes[j])
+    return kf if kf > k + 1 else None
 
 
 def decode_frames(source: VideoSource, info: ClipInfo, indices: Sequence[int]) -> VideoFrames:
-    """Decode the frames at `indices` (into info.frame_times, increasing) as RGB: front to back, seeking to the
-    keyframe before a chosen frame when it is more than SEEK_GAP_S ahead (a long clip is not decoded whole).
-    Frames are placed by their timestamps; a stream without them is decoded front to back, counting frames."""
+    """Decode the frames at `indices` (into info.frame_times, increasing) as RGB: front to back, except that the
+    decoder seeks to the last keyframe before a chosen frame when that keyframe is ahead of it (frames between
+    two chosen ones are not decoded past a keyframe). Frames are placed by their timestamps; a stream without
+    them is decoded front to back, counting frames."""
     av = _av()
     indices = sorted({int(i) for i in indices})
     frames: list[Image.Image] = []
@@ -333,12 +350,13 @@ def decode_frames(source: VideoSource, info: ClipInfo, indices: Sequence[int]) -
         it, k, timed = None, -1, True  # k: index of the last decoded frame
         try:
             for i in indices:
-                ahead = info.frame_times[i] - (info.frame_times[k] if k >= 0 else 0.0)
-                if it is None or (timed and ahead > SEEK_GAP_S):
-                    if it is not None or ahead > SEEK_GAP_S:
-                        container.seek(int(info.start_pts + round(info.frame_times[i] / tb)), stream=stream,
-                                       backward=True, any_frame=False)
+                kf = _seek_target(info, k, i) if timed else None
+                if kf is not None and kf > 0:
+                    container.seek(int(info.start_pts + round(info.frame_times[kf] / tb)), stream=stream,
+                                   backward=True, any_frame=False)
                     it, k = container.decode(stream), -1
+                elif it is None:
+                    it = container.decode(stream)
                 frame = None
                 while k < i:
                     frame = next(it, None)

@@ -103,13 +103,19 @@ def test_frames_count_order_and_timestamps(clips, kind, kw, picked):
     assert (clip.info.width, clip.info.height) == (64, 48)
 
 
-@pytest.mark.parametrize("gap", [0.0, 0.3, 100.0])  # seek before every chosen frame, some, none
-@pytest.mark.parametrize("kw", [dict(frames=5), dict(fps=1.5), dict(frames=60)])
-def test_seeking_gives_the_frames_a_full_decode_gives(clips, monkeypatch, gap, kw):
-    monkeypatch.setattr(V, "SEEK_GAP_S", gap)
-    clip = V.video_frames(clips["long"], **kw)
+@pytest.mark.parametrize("seeking", [True, False])
+@pytest.mark.parametrize("kind, kw", [("long", dict(frames=5)), ("long", dict(fps=1.5)), ("long", dict(frames=60)),
+                                      ("avi", dict(frames=3))])  # avi: mjpeg, every frame a keyframe
+def test_seeking_gives_the_frames_a_full_decode_gives(clips, monkeypatch, seeking, kind, kw):
+    monkeypatch.setattr(V, "SEEKING", seeking)
+    info = V.probe(clips[kind])
+    if kind == "avi":
+        assert info.keyframes.tolist() == list(range(10))
+    else:  # inter frames between keyframes: seeking skips work
+        assert 1 < len(info.keyframes) < info.num_frames and info.keyframes[0] == 0
+    clip = V.video_frames(clips[kind], **kw)
     idx = [round(t * RATE) for t in clip.timestamps]
-    oracle = decoded_with_pyav(clips["long"], idx)
+    oracle = decoded_with_pyav(clips[kind], idx)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(clip.frames, oracle))
     assert len(clip) == {"frames": kw.get("frames"), "fps": 18}.get(next(iter(kw)))
 
