@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     print(f"device: {cpu_model()}, {os.cpu_count()} logical CPUs; numpy {np.__version__}, Pillow "
           f"{Image.__version__}; {t0}")
-    print(f"command: python -m phi3v_edge.benchmarks.video_preprocess {' '.join(argv if argv is not None else sys.argv[1:])}")
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"command: python -m phi3v_edge.benchmarks.video_preprocess {shown}")
     print(f"load average (1/5/15 min) before {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, after "
           f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}")
     print(f"{args.frames} frames per clip; median (min) of {args.repeats} runs\n")

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, finish_reason, timings) instead of streaming")
 
-    c = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /quit)",
-                       description="Interactive chat. Type a message and press Enter. Commands: /image PATH "
+    c = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /video PATH, /reset, /quit)",
+                       description="Interactive chat. Type a message and press Enter. Commands: /video PATH attaches "
+                                   "a clip's sampled frames (--frames / --fps) to your next message, /image PATH "
                                    "attaches an image to your next message, /reset starts over, /quit leaves.")
     c.add_argument("bundle", help="bundle directory (from `phi3v-edge export`)")
     c.add_argument("--system", default=None, help="optional system message")
@@ -263,7 +264,8 @@ def cmd_chat(args) -> int:
                 print(f"(image {path} attached to your next message)", file=sys.stderr)
             continue
         if line.startswith("/"):
-            print(f"error: unknown command {line.split()[0]} (use /image PATH, /reset, /quit)", file=sys.stderr)
+            print(f"error: unknown command {line.split()[0]} (use /image PATH, /video PATH, /reset, /quit)",
+                  file=sys.stderr)
             continue
         msg = {"role": "user", "content": line, "images": pending}
         try:
