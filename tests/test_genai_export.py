@@ -250,3 +250,32 @@ def test_int4_demo_package_answers_the_example_questions(demo_package):
         assert out[-1] in (2, 32000, 32007)  # stopped by an eos id of genai_config.json
         right += proc.tokenizer.decode(out).strip() == q["answer"]
     assert right >= 7, f"{right}/{len(qs)}"
+
+
+# ---- the README's Python lines ---------------------------------------------------------------------------
+def readme_blocks() -> list[str]:
+    """The ```python blocks of the README section "C, C++ and C# hosts", in order."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## C, C++ and C# hosts", 1)[1].split("\n## ", 1)[0]
+    return [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+
+
+def test_readme_python_lines_run(tiny_package, tiny_bundle, runtime, images, capsys):
+    """The README's lines, on the tiny package and a test image (fewer new tokens): onnxruntime-genai's own
+    processor streams text; with our processor's inputs the generator gives the runtime's tokens."""
+    blocks = readme_blocks()
+    assert len(blocks) == 2
+    ns: dict = {}
+    for b in blocks:
+        code = b.replace('"phi35v-genai"', repr(str(tiny_package))).replace('"photo.jpg"', repr(images[0]))
+        exec(compile(code.replace("+ 200", "+ 6"), "README.md", "exec"), ns)
+    assert capsys.readouterr().out  # the first block streamed some text
+    g = ns["generator"]  # the second block's generator, fed our processor's inputs
+    out = []
+    while not g.is_done():
+        g.generate_next_token()
+        out.append(int(g.get_next_tokens()[0]))
+    want = runtime.generate(ns["prompt"], [Image.open(images[0])], max_new_tokens=6).token_ids  # eos ids: both stop
+    assert out == want
