@@ -44,14 +44,16 @@ def device_name() -> str:
     return platform.processor() or "unknown"
 
 
-def example_requests(model: str, max_tokens: int, ignore_eos: bool) -> list[dict]:
+def example_requests(model: str, max_tokens: int, ignore_eos: bool, text_only: bool = False) -> list[dict]:
+    """One request body per demo example question (its images as data URLs, or none when text_only)."""
     from phi3v_edge.models.demo import load_questions
 
     out = []
     for q in load_questions():
-        parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," +
-                                                      base64.b64encode(Path(p).read_bytes()).decode()}}
-                 for p in q["images"]]
+        parts = [] if text_only else [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," +
+                                                base64.b64encode(Path(p).read_bytes()).decode()}}
+            for p in q["images"]]
         out.append({"model": model, "messages": [{"role": "user", "content": parts + [
             {"type": "text", "text": q["question"]}]}], "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True}, "timings": True})
@@ -80,8 +82,10 @@ def one_request(client, url: str, body: dict) -> dict:
             usage = obj.get("usage") or usage
             timings = obj.get("timings") or timings
     end = time.perf_counter()
-    return {"ttft": first - t0, "e2e": end - t0, "engine_ttft": timings[0]["ttft"],
-            "tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"]}
+    t = timings[0]
+    return {"ttft": first - t0, "e2e": end - t0, "engine_ttft": t["ttft"], "before_submit": t["server_before_submit"],
+            "token_to_loop": t.get("server_token_to_loop", 0.0), "tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
 
 
 def run_level(url: str, bodies: list[dict], clients: int, total: int) -> dict:
@@ -124,7 +128,9 @@ def summarize(rows: list[dict], wall: float, clients: int) -> dict:
             "e2e_p50_ms": 1e3 * pct(e2e, 50), "e2e_p99_ms": 1e3 * pct(e2e, 99),
             "engine_ttft_p50_ms": 1e3 * pct([r["engine_ttft"] for r in rows], 50),
             "overhead_p50_ms": 1e3 * pct(over, 50), "overhead_p99_ms": 1e3 * pct(over, 99),
-            "overhead_min_ms": 1e3 * min(over)}
+            "overhead_min_ms": 1e3 * min(over),
+            "before_submit_p50_ms": 1e3 * pct([r["before_submit"] for r in rows], 50),
+            "token_to_loop_p50_ms": 1e3 * pct([r["token_to_loop"] for r in rows], 50)}
 
 
 def git_commit() -> str:
@@ -140,23 +146,29 @@ def write_markdown(path: Path, rec: dict) -> None:
              f"- device: {rec['device']} ({rec['cpus']} CPUs), provider {rec['provider']}, commit {rec['commit']}",
              f"- command: `{rec['command']}`",
              f"- server: `{' '.join(rec['server_args'])}`",
-             f"- workload: the demo's {rec['distinct_prompts']} example questions with their images as data URLs, "
+             f"- workload: the demo's {rec['distinct_prompts']} example questions "
+             f"{'without images' if rec.get('text_only') else 'with their images as data URLs'}, "
              f"greedy, {rec['max_tokens']} generated tokens each (ignore_eos={rec['ignore_eos']}), closed-loop "
              "streaming clients (one keep-alive connection each), after a warm-up round",
              f"- load average before / after: {rec['loadavg_before']} / {rec['loadavg_after']}"
              + (f" ({rec['note']})" if rec.get("note") else ""), "",
              "| clients | requests | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | E2E p99 ms "
-             "| engine TTFT p50 ms | server overhead p50 ms | overhead p99 ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| engine TTFT p50 ms | server overhead p50 ms | overhead p99 ms | of which before submit p50 ms "
+             "| token to event loop p50 ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rec["levels"]:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['e2e_p50_ms']:.1f} | "
                      f"{r['e2e_p99_ms']:.1f} | {r['engine_ttft_p50_ms']:.1f} | {r['overhead_p50_ms']:.2f} | "
-                     f"{r['overhead_p99_ms']:.2f} |")
+                     f"{r['overhead_p99_ms']:.2f} | {r['before_submit_p50_ms']:.2f} | "
+                     f"{r['token_to_loop_p50_ms']:.2f} |")
     lines += ["", "TTFT: request sent -> first content chunk at the client. E2E: -> `data: [DONE]`. Engine TTFT: "
               "the engine's own submit -> first token (image decoding, HD transform, vision encoder, queue, "
               "prefill) for the same requests. Server overhead: HTTP TTFT minus engine TTFT, per request (HTTP, "
-              "JSON, base64, thread hand-offs, SSE framing, the client's parsing)."]
+              "JSON, base64, thread hand-offs, SSE framing, the client's parsing); of it, 'before submit' is "
+              "the server's time from the request's start to Engine.submit (body, JSON, images, waiting for a "
+              "free worker thread) and 'token to event loop' the hand-off of the first token from the engine's "
+              "thread to the server's event loop (both measured inside the server)."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -171,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop on its own (shorter replies)")
+    p.add_argument("--text-only", action="store_true",
+                   help="the questions without their images (for the full-size model on a CPU, where one image's "
+                        "prefill takes seconds)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -190,7 +205,7 @@ def main(argv=None) -> int:
     model = "bench"
     server_args = ["--provider", a.provider, "--max-batch", str(a.max_batch), "--max-length", str(a.max_length),
                    "--served-model-name", model, "--max-queue", "256", "--log-level", "warning", *a.server_arg]
-    bodies = example_requests(model, a.max_tokens, not a.no_ignore_eos)
+    bodies = example_requests(model, a.max_tokens, not a.no_ignore_eos, a.text_only)
     load_before = [round(x, 2) for x in os.getloadavg()]
     levels = []
     log_path = Path(a.out + ".server.log") if a.out else None
@@ -211,7 +226,7 @@ def main(argv=None) -> int:
            "cpus": os.cpu_count(), "provider": a.provider, "commit": git_commit(), "bundle_name": bundle.name,
            "command": "python -m phi3v_edge.benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
            "server_args": server_args, "max_tokens": a.max_tokens, "ignore_eos": not a.no_ignore_eos,
-           "distinct_prompts": len(bodies), "loadavg_before": load_before,
+           "distinct_prompts": len(bodies), "text_only": a.text_only, "loadavg_before": load_before,
            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "note": a.note, "levels": levels}
     print(json.dumps(rec, indent=1))
     if a.out:

@@ -24,7 +24,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from phi3v_edge.models.demo import EXAMPLES, demo_bundle, load_questions
 from phi3v_edge.runtime.chat_template import build_prompt
 from phi3v_edge.runtime.server.launch import ServeProcess
@@ -75,12 +74,7 @@ class Server(ServeProcess):
 
 
 def _start(bundle, tmp_path_factory, name, *args) -> Server:
-    srv = Server(bundle, tmp_path_factory.mktemp(name) / "server.log", *args)
-    try:
-        return srv.start()
-    except BaseException:
-        srv.stop()
-        raise
+    return Server(bundle, tmp_path_factory.mktemp(name) / "server.log", *args).start()  # stops itself on failure
 
 
 @pytest.fixture(scope="module")
@@ -394,15 +388,19 @@ def test_image_urls_only_when_allowed(server, url_server, image_host, examples, 
 
 
 def test_request_timeout(url_server):
+    """A stream that runs past --request-timeout (4 s) ends with an error event; a request that waited behind it
+    in the queue (one slot) gets a 504."""
     body = {"model": MODEL, "messages": _msgs("hi"), "max_tokens": LONG, "temperature": 0}
-    assert_error(url_server.post({**body, "ignore_eos": True}, key=None), 504, "request_timeout")
-    url_server.wait_idle()
     c = url_server.client(key=None)
-    chunks = []
-    with pytest.raises(openai.APIError, match="request-timeout"):
-        for ch in c.chat.completions.create(**body, stream=True, extra_body={"ignore_eos": True}):
-            chunks.append(ch)
-    assert len(chunks) > 1  # the error event came after the stream had started
+    stream = iter(c.chat.completions.create(**body, stream=True, extra_body={"ignore_eos": True}))
+    chunks = [next(stream)]
+    with ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(url_server.post, {**body, "ignore_eos": True}, None)
+        with pytest.raises(openai.APIError, match="request-timeout"):
+            for ch in stream:
+                chunks.append(ch)
+        assert len(chunks) > 2  # the error event came after the stream had started
+        assert_error(queued.result(30), 504, "request_timeout")
     url_server.wait_idle()
     assert_serving(url_server)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from phi3v_edge.runtime.chat_template import build_prompt
 from phi3v_edge.runtime.server import images as I
 from phi3v_edge.runtime.server import protocol as P

@@ -232,6 +232,20 @@ async def chat_completions(request: Request) -> Response:
     return await _complete(state, req, handle, arrival, timer, request)
 
 
+def _timings(results, handle, arrival: float, clock: _Clock) -> list[dict]:
+    """The `timings` extra: each row's engine timings, plus the server's own share of the first token's wait:
+    server_before_submit (request start -> Engine.submit called: body, JSON, images, a free worker thread) and
+    server_token_to_loop (the engine's first token -> the event loop has it)."""
+    out = []
+    for r in results:
+        t = dict(r.timings)
+        t["server_before_submit"] = handle.created - arrival
+        if clock.first is not None and "ttft" in t:
+            t["server_token_to_loop"] = clock.first - (handle.created + t["ttft"])
+        out.append(t)
+    return out
+
+
 class _Timer:
     """--request-timeout: cancels the handle at the deadline and remembers that it did."""
 
@@ -292,7 +306,7 @@ async def _complete(state: ServerState, req: P.ChatRequest, handle, arrival: flo
     body = P.completion_body(P.new_id(), req.model, int(time.time()), results, state.engine.tokenizer,
                              req.logprobs)
     if req.timings:
-        body["timings"] = [r.timings for r in results]
+        body["timings"] = _timings(results, handle, arrival, clock)
     return _json(body)
 
 
@@ -332,7 +346,7 @@ async def _stream(state: ServerState, req: P.ChatRequest, handle, arrival: float
             state.metrics.finished(results, arrival, time.perf_counter())
             if req.timings:
                 body = P.chunk_body(rid, model, created, [], None, req.include_usage)
-                body["timings"] = [r.timings for r in results]
+                body["timings"] = _timings(results, handle, arrival, clock)
                 yield _sse(body)
             if req.include_usage:
                 yield chunk([], P.usage_of(results))

@@ -34,7 +34,7 @@ class ServeProcess:
         return [sys.executable, "-m", "phi3v_edge.runtime.cli", "serve", self.bundle, "--host", self.host,
                 "--port", "0", *self.args]
 
-    def start(self, timeout: float = 120.0) -> "ServeProcess":
+    def start(self, timeout: float = 120.0) -> ServeProcess:
         """Start the process and wait until /health answers 200; raises RuntimeError (with the log's tail)."""
         env = dict(os.environ if self.env is None else self.env)
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
@@ -96,7 +96,7 @@ class ServeProcess:
             self._log.close()
         return None if self.proc is None else self.proc.returncode
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
