@@ -63,18 +63,17 @@ def load_questions() -> list[dict]:
 
 
 def pick_provider(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import onnxruntime as ort
+    """The runtime's one rule (runtime.session.resolve_provider): auto -> cuda when usable, else cpu."""
+    from phi3v_edge.runtime.session import resolve_provider
 
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return resolve_provider(requested)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="phi3v-edge demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--provider", default="auto", choices=("auto", "cuda", "cpu"),
-                   help="execution provider (default: cuda if onnxruntime-gpu sees a GPU, else cpu)")
+                   help="execution provider (default auto: cuda when onnxruntime's CUDA provider is usable, else cpu)")
     p.add_argument("--precision", default="int4", choices=("fp32", "fp16", "int8", "int4"))
     p.add_argument("--re-export", action="store_true", help="ignore the cached bundle")
     p.add_argument("--max-new-tokens", type=int, default=16)
