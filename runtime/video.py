@@ -58,7 +58,7 @@ def _av():
 
 @dataclass(frozen=True)
 class ClipInfo:
-    width: int  # frame size in pixels (as decoded, before any transform)
+    width: int  # frame size in pixels as displayed (after the stream's rotation), before any transform
     height: int
     duration: float  # seconds, from the first frame's start to the last frame's end
     frame_times: np.ndarray  # [K] float64 seconds from the first frame, sorted (presentation order)
@@ -66,6 +66,7 @@ class ClipInfo:
     what: str  # how to name the clip in messages
     start_pts: int = 0  # pts of the first frame, in the stream's time base (seek targets)
     keyframes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # frame indices, increasing
+    rotation: int = 0  # degrees counterclockwise the decoded frames are turned for display (0, 90, 180, 270)
 
     @property
     def num_frames(self) -> int:
@@ -170,6 +171,9 @@ def probe(source: VideoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> C
                          f"of {max_pixels} (raise max_pixels to allow them)")
     if tb is None:
         raise VideoError(f"cannot read video {what}: its stream has no time base")
+    rotation = _rotation(av, source, what)
+    if rotation in (90, 270):
+        width, height = height, width
     order = np.sort(np.asarray(pts, dtype=np.int64))
     keyframes = np.searchsorted(order, np.asarray(sorted(keys), dtype=np.int64))  # [k] frame indices, increasing
     start = int(order[0])
@@ -181,7 +185,22 @@ def probe(source: VideoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> C
     else:
         duration = (end - start) * tb
     duration = max(duration, float(times[-1]))
-    return ClipInfo(width, height, duration, times, codec, what, start, keyframes)
+    return ClipInfo(width, height, duration, times, codec, what, start, keyframes, rotation)
+
+
+_TURN = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def _rotation(av, source, what: str) -> int:
+    """The display rotation of the clip's frames (a phone's portrait clip is often stored landscape with a
+    display matrix), from its first decoded frame: 0, 90, 180 or 270 degrees counterclockwise (others: 0)."""
+    with _open(av, source, what) as container:
+        try:
+            frame = next(container.decode(_video_stream(container, what)), None)
+        except Exception as e:
+            raise VideoError(f"cannot decode video {what}: corrupt data ({_ffmpeg_msg(e)})") from None
+    angle = int(round(getattr(frame, "rotation", 0) or 0)) % 360 if frame is not None else 0
+    return angle if angle in _TURN else 0
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -372,6 +391,8 @@ def decode_frames(source: VideoSource, info: ClipInfo, indices: Sequence[int]) -
                     raise VideoError(f"cannot decode video {info.what}: frame {i + 1} of {info.num_frames} "
                                      f"({info.frame_times[i]:.2f} s) is missing (corrupt or truncated file)")
                 im = frame.to_image().convert("RGB")  # the frame shown at frame_times[i] (or the next one decoded)
+                if info.rotation:
+                    im = im.transpose(_TURN[info.rotation])  # as displayed
                 if im.size != (info.width, info.height):
                     raise VideoError(f"video {info.what} changes frame size ({im.size[0]}x{im.size[1]}, the stream "
                                      f"says {info.width}x{info.height}): not supported")

@@ -27,15 +27,19 @@ PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), 
 RATE = 5  # frames per second: 10 frames = 2.0 s, frame k shown from 0.2 k s
 
 
-def write_clip(path, codec="mpeg4", size=(64, 48), colours=PALETTE, rate=RATE):
+def write_clip(path, codec="mpeg4", size=(64, 48), colours=PALETTE, rate=RATE, rotation=None):
     w, h = size
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=rate)
         s.width, s.height = w, h
         s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if rotation is not None:
+            s.set_display_rotation(rotation)  # a display matrix, as phones write for portrait clips
         for col in colours:
             a = np.empty((h, w, 3), np.uint8)
             a[:] = col
+            if rotation is not None:
+                a[h // 2:] = 0  # top half coloured, bottom half black: the turn is visible
             for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
@@ -118,6 +122,23 @@ def test_seeking_gives_the_frames_a_full_decode_gives(clips, monkeypatch, seekin
     oracle = decoded_with_pyav(clips[kind], idx)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(clip.frames, oracle))
     assert len(clip) == {"frames": kw.get("frames"), "fps": 18}.get(next(iter(kw)))
+
+
+def test_display_rotation_is_applied(tmp_path, processor):
+    """A landscape-coded clip with a display matrix of -90 degrees (a phone's portrait clip): frames come out
+    turned clockwise as players show them (the top edge becomes the right edge), sized and budgeted so."""
+    if not hasattr(av.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display matrix")
+    path = write_clip(tmp_path / "rotated.mp4", size=(96, 48), colours=PALETTE[:3], rotation=-90)
+    clip = V.video_frames(path, frames=3)
+    assert clip.info.rotation == 270 and (clip.info.width, clip.info.height) == (48, 96)
+    a = np.asarray(clip.frames[1], np.float32)  # PALETTE[1] is green
+    assert a.shape == (96, 48, 3)
+    assert a[:, 28:, 1].mean() > 200 and a[:, :20].max() < 40  # right half green, left half black
+    b = V.frame_budget(processor, clip.info, 3, 4, 4096, 8)
+    assert b.tokens_per_frame == T.num_image_tokens_for(48, 96, 4) != T.num_image_tokens_for(96, 48, 4)
+    prompt, images = build_prompt([{"role": "user", "content": "", "images": clip.frames}])
+    assert b.prompt_tokens == processor(prompt, images, num_crops=4).input_ids.shape[1]
 
 
 def test_bytes_and_path_give_the_same_frames(clips):
