@@ -112,6 +112,21 @@ def run_level(url: str, bodies: list[dict], clients: int, total: int) -> dict:
     return summarize(rows, wall, clients)
 
 
+def health_rtt(url: str, n: int = 100) -> dict:
+    """Round trips of GET /health on one keep-alive connection: the machine's floor for any HTTP exchange."""
+    import httpx
+
+    with httpx.Client(timeout=30) as client:
+        for _ in range(10):
+            client.get(url + "/health")
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.get(url + "/health")
+            ts.append(time.perf_counter() - t0)
+    return {"p50_ms": 1e3 * pct(ts, 50), "min_ms": 1e3 * min(ts), "p99_ms": 1e3 * pct(ts, 99)}
+
+
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
 
@@ -151,7 +166,10 @@ def write_markdown(path: Path, rec: dict) -> None:
              f"greedy, {rec['max_tokens']} generated tokens each (ignore_eos={rec['ignore_eos']}), closed-loop "
              "streaming clients (one keep-alive connection each), after a warm-up round",
              f"- load average before / after: {rec['loadavg_before']} / {rec['loadavg_after']}"
-             + (f" ({rec['note']})" if rec.get("note") else ""), "",
+             + (f" ({rec['note']})" if rec.get("note") else ""),
+             f"- GET /health round trip on this machine during the run (the floor of any HTTP exchange): p50 "
+             f"{rec['health_rtt']['p50_ms']:.2f} ms, min {rec['health_rtt']['min_ms']:.2f} ms, p99 "
+             f"{rec['health_rtt']['p99_ms']:.2f} ms", "",
              "| clients | requests | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | E2E p99 ms "
              "| engine TTFT p50 ms | server overhead p50 ms | overhead p99 ms | of which before submit p50 ms "
              "| token to event loop p50 ms |",
@@ -212,6 +230,8 @@ def main(argv=None) -> int:
     with ServeProcess(bundle, server_args, log_path=log_path) as srv:
         print(f"server {srv.url} ({bundle.name}); warming up", file=sys.stderr)
         run_level(srv.url, bodies, min(4, a.max_batch), len(bodies))
+        floor = health_rtt(srv.url)
+        print(f"GET /health round trip: p50 {floor['p50_ms']:.2f} ms, min {floor['min_ms']:.2f} ms", file=sys.stderr)
         for c in a.concurrency:
             total = max(a.min_requests, c * a.requests_per_client)
             r = run_level(srv.url, bodies, c, total)
@@ -227,7 +247,7 @@ def main(argv=None) -> int:
            "command": "python -m phi3v_edge.benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
            "server_args": server_args, "max_tokens": a.max_tokens, "ignore_eos": not a.no_ignore_eos,
            "distinct_prompts": len(bodies), "text_only": a.text_only, "loadavg_before": load_before,
-           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "note": a.note, "levels": levels}
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "note": a.note, "health_rtt": floor, "levels": levels}
     print(json.dumps(rec, indent=1))
     if a.out:
         out = Path(a.out)
