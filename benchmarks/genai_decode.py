@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     cmd = "python -m phi3v_edge.benchmarks.genai_decode " + " ".join(sys.argv[1:] if argv is None else argv)
     md = [f"# onnxruntime-genai {og.__version__} decode speed, CPU", "", f"- date: {date}",
           f"- device: {cpu_name()}, {os.cpu_count()} vCPUs", f"- command: `{cmd}`",
-          f"- prompt {a.prompt_tokens} token ids (the same for every package), {a.new_tokens} new tokens, greedy, "
-          f"intra_op_num_threads {a.threads}, best of {a.runs}"] + ([f"- note: {a.note}"] if a.note else []) + [
+          (f"- prompt {a.prompt_tokens} token ids (the same for every package), {a.new_tokens} new tokens, greedy, "
+           f"intra_op_num_threads {a.threads}, best of {a.runs}")] + ([f"- note: {a.note}"] if a.note else []) + [
           "", "| package | genai model type | decode tokens/s | time to first token (s) | runs (tokens/s) |",
           "|---|---|---|---|---|"]
     for r in rows:

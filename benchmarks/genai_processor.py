@@ -62,7 +62,6 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=str(RESULTS))
     a = ap.parse_args(argv)
     import onnxruntime_genai as og
-
     from phi3v_edge.export.genai import export_genai
     from phi3v_edge.models import demo_data
     from phi3v_edge.models.demo import CHECKPOINT
@@ -121,13 +120,13 @@ def main(argv=None) -> int:
           "| | phi3v-edge processor (named tensors) | onnxruntime-genai processor |", "|---|---|---|",
           f"| crops per image | {s['our_crops']} | {s['genai_crops']} |",
           f"| BOS ids per prompt | {s['our_bos_per_prompt']} | {s['genai_bos_per_prompt']} |",
-          f"| exact-answer accuracy | {100 * res['accuracy']['ours_named_tensors']:.1f}% | "
-          f"{100 * res['accuracy']['genai_processor']:.1f}% |", "",
-          f"Our processor at onnxruntime-genai's crop count (with BOS): "
-          f"{100 * res['accuracy']['ours_at_genai_crops']:.1f}% (the part of the drop due to the crop count).", "",
-          f"At onnxruntime-genai's crop count, ours gives pixel values within {s['max_pixel_diff_same_crops']:.3g} "
-          f"(max abs) of its; the same image token counts in {s['image_tokens_equal']}/{n} prompts; the same "
-          f"ids apart from BOS in {s['text_ids_equal_without_bos']}/{n}."]
+          (f"| exact-answer accuracy | {100 * res['accuracy']['ours_named_tensors']:.1f}% | "
+           f"{100 * res['accuracy']['genai_processor']:.1f}% |"), "",
+          (f"Our processor at onnxruntime-genai's crop count (with BOS): "
+           f"{100 * res['accuracy']['ours_at_genai_crops']:.1f}% (the part of the drop due to the crop count)."), "",
+          (f"At onnxruntime-genai's crop count, ours gives pixel values within {s['max_pixel_diff_same_crops']:.3g} "
+           f"(max abs) of its; the same image token counts in {s['image_tokens_equal']}/{n} prompts; the same "
+           f"ids apart from BOS in {s['text_ids_equal_without_bos']}/{n}.")]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -126,18 +126,23 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _release(tmp, lock)
         lock = None
-        if out.exists():  # force: replace only once the new bundle is complete
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     except BaseException:
         _release(tmp, lock)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished partial directory to `out`; an existing `out` (force) is replaced only now."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def partial_dirs(out: Path) -> list[Path]:

@@ -11,28 +11,33 @@ The package is one directory that onnxruntime-genai's `Model(DIR)` (C: OgaCreate
     export_info.json       what phi3v-edge wrote (options, source); onnxruntime-genai ignores it
 
 Same options and the same streaming, low-memory build as the bundle export (export/bundle.py): one tensor
-read at a time, initializers appended to each graph's .data file as they are made. Written into a temporary
-directory renamed into place at the end.
+read at a time, initializers appended to each graph's .data file as they are made. Written into a locked
+.NAME.partial-* directory renamed into place at the end (export/bundle.py's, stale ones removed the same way).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from phi3v_edge.models.checkpoint import CheckpointReader, resolve_checkpoint
 from phi3v_edge.models.config import Phi3VConfig
 
 from . import genai_graphs as gg
-from .bundle import (ACCURACY_LEVELS, BLOCK_SIZES, TARGETS, ExportError, _check_keys, _copy_side_files,
-                     cpu_defaults, default_io_dtype, resolve_target)
-from .decoder_graph import resolve_options
-from .graph_builder import PRECISIONS
-from .vision_graph import PRECISIONS as VISION_PRECISIONS
+from .bundle import (
+    _check_keys,
+    _copy_side_files,
+    _make_partial_dir,
+    _release,
+    log,
+    publish,
+    remove_stale_partials,
+    resolve_options,
+)
+from .decoder_graph import resolve_options as decoder_options
+from .options import ExportError
 from .vision_graph import int8_block_size
 
 CONFIG_FILE = "genai_config.json"
@@ -49,27 +54,15 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
                  all_logits: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Export `checkpoint` to an onnxruntime-genai package at `out_dir`; returns its path. The options are
     export_bundle's (precision, target, vision_precision, block_size, accuracy_level, symmetric, lm_head and
-    embedding precision); max_length is genai_config's search.max_length (default 4096, or
-    max_position_embeddings when smaller; the rotary tables cover the
-    model's whole context, max_position_embeddings). The vision graph's pixel_values and image_features use
-    the text graph's activation dtype (onnxruntime-genai hands the vision output buffer to the embedding)."""
+    embedding precision; the same checks and defaults); max_length is genai_config's search.max_length (default
+    4096, or max_position_embeddings when smaller; the rotary tables cover the model's whole context). The
+    vision graph's pixel_values and image_features use the text graph's activation dtype (onnxruntime-genai
+    hands the vision output buffer to the embedding)."""
     if all_logits:
         raise ExportError("--all-logits is for bundles: the genai text graph returns the last position's logits "
                           "(onnxruntime-genai keeps only those)")
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if target not in TARGETS:
-        raise ExportError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
-    target = resolve_target(target)
-    if block_size not in BLOCK_SIZES:
-        raise ExportError(f"block size {block_size} is not supported; choose one of {BLOCK_SIZES}")
-    vision_precision, accuracy_level = cpu_defaults(precision, target, vision_precision, accuracy_level)
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise ExportError(f"accuracy level {accuracy_level} is not supported; choose one of {ACCURACY_LEVELS}")
-    io_dtype = default_io_dtype(precision, target)
-    vision_precision = vision_precision or ("fp32" if io_dtype == "float32" else "fp16")
-    if vision_precision not in VISION_PRECISIONS:
-        raise ExportError(f"vision precision {vision_precision!r}: choose one of {', '.join(VISION_PRECISIONS)}")
+    target, vision_precision, accuracy_level, io_dtype = resolve_options(precision, target, vision_precision,
+                                                                         block_size, accuracy_level)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
@@ -83,12 +76,14 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
                           "(max_position_embeddings)")
     reader = CheckpointReader(src)
     _check_keys(reader, cfg)
-    o = resolve_options(cfg, precision, io_dtype, block_size, symmetric, lm_head_precision, embedding_precision,
+    o = decoder_options(cfg, precision, io_dtype, block_size, symmetric, lm_head_precision, embedding_precision,
                         False, accuracy_level)
     stage = (lambda name: (lambda i, n: progress(name, i, n))) if progress else (lambda name: None)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    for stale in remove_stale_partials(out):
+        log.warning("removed %s, left by an interrupted export of %s", stale, out)
+    tmp, lock = _make_partial_dir(out)
     try:
         vision = gg.build_genai_vision(
             reader, cfg, tmp, precision=vision_precision, io_dtype=io_dtype,
@@ -105,14 +100,11 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
                 "source": {"checkpoint": str(checkpoint), "resolved_path": str(src)}, "target": target,
                 "num_crops": num_crops, "vision": vision, "embedding": embedding, "text": text, "files": side}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():  # force: replace only once the new package is complete
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _release(tmp, lock)
+        lock = None
+        publish(tmp, out)
     except BaseException:
+        _release(tmp, lock)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

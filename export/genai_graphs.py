@@ -10,7 +10,7 @@ vision.onnx
     A prelude computes what our own vision graph takes as inputs: the valid crops (NonZero over the crop
     slots each image uses, 1 + rows * cols) and layout_index (per output token, vectorised: which image,
     which part of its sub_glb layout), then the unchanged graph of export/vision_graph.py follows. So the
-    package's encoder is the bundle's, op for op, and the 336 / 12 / 144 constants are runtime/image_layout.py's.
+    package's encoder is the bundle's, op for op; 336 / 12 / 144 are runtime/model_facts.py's.
 
 embedding.onnx
     input_ids      int64 [B, S]      image k's placeholder positions hold -k (onnxruntime-genai's convention
@@ -37,16 +37,17 @@ text.onnx
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
-
 from phi3v_edge.models.config import Phi3VConfig
 from phi3v_edge.runtime import bundle as fmt
-from phi3v_edge.runtime.image_layout import CROP, GRID, TOKENS_PER_CROP
+from phi3v_edge.runtime.model_facts import CROP_SIZE as CROP
+from phi3v_edge.runtime.model_facts import MERGED_GRID as GRID
+from phi3v_edge.runtime.model_facts import TOKENS_PER_CROP
 from phi3v_edge.runtime.rope import stacked_tables
 
 from .decoder_graph import DecoderOptions, _embedding, decoder_layers, final_logits
@@ -85,8 +86,8 @@ def layout_prelude(gb: GraphBuilder, pixel_values: str, image_sizes: str, crops_
     1 + rows * cols valid crops, images in index order) and index_out [T] (runtime/image_layout.layout_index of
     those grids, computed per token). Every node and value name starts with "genai/"."""
     i64 = np.int64
-    c = lambda v: gb.const(np.asarray(v, i64), name="genai/const") if np.ndim(v) else scalar(gb, v, "genai")  # noqa: E731
-    n = lambda op, ins, nm, **kw: gb.node(op, ins, name=f"genai/{nm}", **kw)  # noqa: E731
+    c = lambda v: gb.const(np.asarray(v, i64), name="genai/const") if np.ndim(v) else scalar(gb, v, "genai")
+    n = lambda op, ins, nm, **kw: gb.node(op, ins, name=f"genai/{nm}", **kw)
     # valid crops: slot j of image i is valid when j < 1 + rows_i * cols_i
     rows = n("Div", [n("Gather", [image_sizes, c(0)], "h", axis=1), c(CROP)], "rows")  # [N]
     cols = n("Div", [n("Gather", [image_sizes, c(1)], "w", axis=1), c(CROP)], "cols")
@@ -183,8 +184,8 @@ def image_order(gb: GraphBuilder, ids: str, feats: str) -> str:
     """image_features rows (image index order) -> the same rows in prompt order (the k-th negative id in
     the flattened input_ids gets row k). Image k's rows: start_k = tokens of images 1..k-1, then in order."""
     i64 = np.int64
-    c = lambda v: gb.const(np.asarray(v, i64), name="emb/const") if np.ndim(v) else scalar(gb, v, "emb")  # noqa: E731
-    n = lambda op, ins, nm, **kw: gb.node(op, ins, name=f"emb/{nm}", **kw)  # noqa: E731
+    c = lambda v: gb.const(np.asarray(v, i64), name="emb/const") if np.ndim(v) else scalar(gb, v, "emb")
+    n = lambda op, ins, nm, **kw: gb.node(op, ins, name=f"emb/{nm}", **kw)
     flat = n("Reshape", [ids, c([-1])], "ids_flat")
     where = n("Reshape", [n("NonZero", [n("Less", [flat, c(0)], "neg")], "neg_nz"), c([-1])], "neg_pos")  # [P]
     k = n("Neg", [n("Gather", [flat, where], "neg_ids")], "image_no")  # [P] image numbers 1..N

@@ -13,9 +13,9 @@ from PIL import Image
 
 og = pytest.importorskip("onnxruntime_genai")
 
-from phi3v_edge.export.bundle import ExportError  # noqa: E402
-from phi3v_edge.export.genai import export_genai  # noqa: E402
-from phi3v_edge.runtime.processor import Phi3VProcessor  # noqa: E402
+from phi3v_edge.export.bundle import ExportError
+from phi3v_edge.export.genai import export_genai
+from phi3v_edge.runtime.processor import Phi3VProcessor
 
 TEXT = "<|user|>\nWhat is in the picture? Describe it.<|end|>\n<|assistant|>\n"
 ONE = "<|user|>\n<|image_1|>\nWhat is in the picture?<|end|>\n<|assistant|>\n"
@@ -108,7 +108,6 @@ def test_bad_options_are_clear_errors(tiny_checkpoint, tiny_package, tmp_path):
 def test_vision_graph_equals_bundle_vision(tiny_package, tiny_bundle, images):
     """The package's vision graph (crop selection and layout inside the graph) gives the bundle's features."""
     import onnxruntime as ort
-
     from phi3v_edge.runtime.image_layout import layout_index, valid_crops
 
     proc = Phi3VProcessor.from_pretrained(tiny_bundle)
@@ -173,7 +172,6 @@ def test_longrope_crossing_what_genai_does_and_the_exact_recipe(tmp_path_factory
     recompute. A host that starts a new generator with the whole sequence at the crossing gets the
     reference's tokens (its recompute) exactly."""
     import torch
-
     from phi3v_edge.models.decoder import KVCache
     from phi3v_edge.models.modeling import Phi3VForCausalLM
     from phi3v_edge.models.testing import tiny_config, write_tiny_checkpoint
@@ -270,7 +268,7 @@ def test_readme_python_lines_run(tiny_package, tiny_bundle, runtime, images, cap
     ns: dict = {}
     for b in blocks:
         code = b.replace('"phi35v-genai"', repr(str(tiny_package))).replace('"photo.jpg"', repr(images[0]))
-        exec(compile(code.replace("+ 200", "+ 6"), "README.md", "exec"), ns)
+        exec(compile(code.replace("+ 200", "+ 6"), "README.md", "exec"), ns)  # noqa: S102 - the README's own lines
     assert capsys.readouterr().out  # the first block streamed some text
     g = ns["generator"]  # the second block's generator, fed our processor's inputs
     out = []
