@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
         log_path.unlink()
     rec = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(),
            "cpus": os.cpu_count(), "provider": a.provider, "commit": git_commit(), "bundle_name": bundle.name,
-           "command": "python -m phi3v_edge.benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "command": "python -m phi3v_edge.benchmarks.serving " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "server_args": server_args, "max_tokens": a.max_tokens, "ignore_eos": not a.no_ignore_eos,
            "distinct_prompts": len(bodies), "text_only": a.text_only, "loadavg_before": load_before,
            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "note": a.note, "health_rtt": floor, "levels": levels}

@@ -106,18 +106,22 @@ def examples():
 
 
 @pytest.fixture(scope="module")
-def reference(bundle, examples):
-    """Phi3VRuntime's greedy answer (text, finish, token ids, prompt tokens) to each example question."""
+def runtime(bundle):
     from phi3v_edge.runtime import Phi3VRuntime
 
-    rt = Phi3VRuntime(bundle, provider="cpu", max_length=MAX_LENGTH)
-    out = []
-    for q in examples:
-        prompt, images = build_prompt([{"role": "user", "content": q["question"], "images": q["images"]}])
-        r = rt.generate(prompt, images, max_new_tokens=MAX_TOKENS)
-        out.append({"text": r.text, "finish": r.finish_reason, "ids": list(r.token_ids),
-                    "prompt_tokens": r.prompt_tokens})
-    return out
+    return Phi3VRuntime(bundle, provider="cpu", max_length=MAX_LENGTH)
+
+
+def runtime_answer(rt, question: str, images: list) -> dict:
+    prompt, images = build_prompt([{"role": "user", "content": question, "images": images}])
+    r = rt.generate(prompt, images, max_new_tokens=MAX_TOKENS)
+    return {"text": r.text, "finish": r.finish_reason, "ids": list(r.token_ids), "prompt_tokens": r.prompt_tokens}
+
+
+@pytest.fixture(scope="module")
+def reference(runtime, examples):
+    """Phi3VRuntime's greedy answer (text, finish, token ids, prompt tokens) to each example question."""
+    return [runtime_answer(runtime, q["question"], q["images"]) for q in examples]
 
 
 def data_url(path) -> str:
@@ -194,6 +198,28 @@ def test_streaming_equals_the_runtime(server, examples, reference):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "")
                    for e in events[:-1]) == reference[0]["text"]
+
+
+def test_jpeg_webp_gif_and_prefix_cache(server, runtime, examples):
+    import io
+
+    from PIL import Image
+
+    q = examples[3]
+    c = server.client()
+    for fmt, mime in (("JPEG", "jpeg"), ("WEBP", "webp"), ("GIF", "gif")):
+        buf = io.BytesIO()
+        Image.open(q["images"][0]).convert("RGB").save(buf, fmt)
+        url = f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+        r = c.chat.completions.create(model=MODEL, messages=image_message(q["question"], [url]),
+                                      max_tokens=MAX_TOKENS, temperature=0)
+        ref = runtime_answer(runtime, q["question"], [buf.getvalue()])
+        assert (r.choices[0].message.content, r.usage.prompt_tokens) == (ref["text"], ref["prompt_tokens"]), fmt
+    # the same request again: its prompt's KV is still in a free slot, so the usage reports cached tokens
+    r = c.chat.completions.create(model=MODEL, messages=image_message(q["question"], [url]), max_tokens=MAX_TOKENS,
+                                  temperature=0)
+    assert 0 < r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+    assert r.choices[0].message.content == ref["text"]
 
 
 def test_n_rows_and_logprobs(server, examples, reference):
