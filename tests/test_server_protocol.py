@@ -36,7 +36,7 @@ def test_defaults_follow_openai_and_greedy_drops_the_sampling_filters():
 
 @pytest.mark.parametrize("body,param", [
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"top_p": 0}, "top_p"),
-    ({"temperature": "1"}, "temperature"), ({"n": 0}, "n"), ({"seed": 1.5}, "seed"),
+    ({"temperature": "1"}, "temperature"), ({"n": 0}, "n"), ({"seed": 1.5}, "seed"), ({"seed": -1}, "seed"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"num_crops": 17}, "num_crops"),
     ({"presence_penalty": 1.0}, "presence_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),

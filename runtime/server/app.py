@@ -25,7 +25,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -114,6 +114,8 @@ def _parse_json(raw: bytes) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise P.bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise P.bad_request("the request body is nested too deeply", code="invalid_json") from None
 
 
 def _input_error(e: Exception) -> P.APIError:
@@ -225,6 +227,8 @@ async def chat_completions(request: Request) -> Response:
         handle = await _submit(state, req, prompt, images)
     except P.APIError as e:
         return _error_response(state, e)
+    except ClientDisconnect:  # gone while sending its body: nobody to answer
+        return Response(status_code=400)
     timer = _Timer(state, handle, arrival)
     if req.stream:
         return StreamingResponse(_stream(state, req, handle, arrival, timer), media_type="text/event-stream",

@@ -264,7 +264,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     top_p = _num(body, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _int(body, "top_k", 0)
     rep = _num(body, "repetition_penalty", 0.0, 10.0, lo_open=True)
-    seed = _int(body, "seed")
+    seed = _int(body, "seed", 0)  # numpy's generators take non-negative seeds
     n = _int(body, "n", 1, limits.max_batch) or 1
     stream = _bool(body, "stream")
     so = body.get("stream_options")
