@@ -32,7 +32,7 @@ def test_generate_with_a_numpy_image(rt, arr):
     assert rt.generate(two, [arr, arr[:, ::-1]], max_new_tokens=5, stop_ids=()).token_ids == ref2.token_ids
     # chat messages take an array as one image too
     msgs = [{"role": "user", "content": "What color is it?", "images": arr}]
-    assert build_prompt(msgs) [0] == PROMPT
+    assert build_prompt(msgs)[0] == PROMPT
     assert rt.chat(msgs, max_new_tokens=5, stop_ids=(), keep_cache=False).token_ids == ref.token_ids
 
 
