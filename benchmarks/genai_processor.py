@@ -27,28 +27,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MAX_NEW = 8
 
 
-def named_inputs(og, po):
-    nt = og.NamedTensors()
-    nt["input_ids"] = po.input_ids.astype(np.int32)
-    if po.pixel_values is not None:
-        nt["pixel_values"] = po.pixel_values.astype(np.float32)
-        nt["image_sizes"] = po.image_sizes.astype(np.int64)
-        nt["num_image_tokens"] = np.asarray(po.num_img_tokens, np.int64)
-    return nt
-
-
-def greedy(og, model, inputs, length: int) -> list[int]:
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=length + MAX_NEW, do_sample=False)
-    g = og.Generator(model, params)
-    g.set_inputs(inputs)
-    out = []
-    while not g.is_done() and len(out) < MAX_NEW:
-        g.generate_next_token()
-        out.append(int(g.get_next_tokens()[0]))
-    return out
-
-
 def png_bytes(im) -> bytes:
     b = io.BytesIO()
     im.save(b, format="PNG")
@@ -63,6 +41,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import onnxruntime_genai as og
     from phi3v_edge.export.genai import export_genai
+    from phi3v_edge.export.genai_host import greedy, named_tensors
     from phi3v_edge.models import demo_data
     from phi3v_edge.models.demo import CHECKPOINT
     from phi3v_edge.runtime.processor import Phi3VProcessor
@@ -97,10 +76,10 @@ def main(argv=None) -> int:
             stats["image_tokens_equal"] += int(list(same.num_img_tokens) == gi["num_image_tokens"].as_numpy().reshape(-1).tolist())
         mine = same.input_ids.reshape(-1)
         stats["text_ids_equal_without_bos"] += int(np.array_equal(mine[mine != 1], g_ids[g_ids != 1]))
-        for path, (inputs, length) in {"ours_named_tensors": (named_inputs(og, po), po.input_ids.shape[1]),
-                                       "ours_at_genai_crops": (named_inputs(og, same), same.input_ids.shape[1]),
+        for path, (inputs, length) in {"ours_named_tensors": (named_tensors(og, po), po.input_ids.shape[1]),
+                                       "ours_at_genai_crops": (named_tensors(og, same), same.input_ids.shape[1]),
                                        "genai_processor": (gi, g_ids.shape[0])}.items():
-            toks = greedy(og, model, inputs, length)
+            toks = greedy(og, model, inputs, length, MAX_NEW)
             right[path] += answer_text(ours.tokenizer, toks, stops) == ex["answer"]
     n = len(examples)
     res = {"date": dt.date.today().isoformat(), "device": cpu_name(), "n": n,

@@ -15,6 +15,7 @@ og = pytest.importorskip("onnxruntime_genai")
 
 from phi3v_edge.export.bundle import ExportError
 from phi3v_edge.export.genai import export_genai
+from phi3v_edge.export.genai_host import greedy, named_tensors
 from phi3v_edge.runtime.processor import Phi3VProcessor
 
 TEXT = "<|user|>\nWhat is in the picture? Describe it.<|end|>\n<|assistant|>\n"
@@ -51,28 +52,13 @@ def tiny_model(tiny_package):
 
 
 def named_inputs(proc: Phi3VProcessor, prompt: str, images) -> tuple[og.NamedTensors, int]:
-    """Our processor's output as onnxruntime-genai named tensors (what a C host passes with
-    OgaCreateNamedTensors / OgaNamedTensorsSet); returns them and the prompt length."""
+    """Our processor's output as onnxruntime-genai named tensors, and the prompt length."""
     po = proc(prompt, [Image.open(p) for p in images])
-    nt = og.NamedTensors()
-    nt["input_ids"] = po.input_ids.astype(np.int32)
-    if images:
-        nt["pixel_values"] = po.pixel_values.astype(np.float32)
-        nt["image_sizes"] = po.image_sizes.astype(np.int64)
-        nt["num_image_tokens"] = np.asarray(po.num_img_tokens, np.int64)
-    return nt, po.input_ids.shape[1]
+    return named_tensors(og, po), po.input_ids.shape[1]
 
 
-def genai_greedy(model, inputs, prompt_len: int, max_new_tokens: int, stop: bool = False) -> list[int]:
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt_len + max_new_tokens, do_sample=False)
-    g = og.Generator(model, params)
-    g.set_inputs(inputs)
-    out = []
-    while not g.is_done() and len(out) < max_new_tokens:
-        g.generate_next_token()
-        out.append(int(g.get_next_tokens()[0]))
-    return out
+def genai_greedy(model, inputs, prompt_len: int, max_new_tokens: int) -> list[int]:
+    return greedy(og, model, inputs, prompt_len, max_new_tokens)
 
 
 # ---- the package ---------------------------------------------------------------------------------------
