@@ -161,6 +161,7 @@ def check_manifest(m: dict[str, Any], mp: str | Path = MANIFEST) -> None:
     dec = _field(m, "decoder", "dict", "", mp)
     _field(dec, "all_logits", "bool", "decoder", mp, required=False)
     _field(m, "vision", "dict", "", mp, required=False)
+    _field(m, "processor", "dict", "", mp, required=False)
     rope = _field(m, "rope", "dict", "", mp)
     rtype = _field(rope, "type", "str", "rope", mp, nullable=True)
     _field(rope, "theta", "number", "rope", mp)
@@ -190,14 +191,15 @@ def check_manifest(m: dict[str, Any], mp: str | Path = MANIFEST) -> None:
     stop = _field(tokens, "stop_ids", "list", "tokens", mp, required=False)
     if stop is not None and not all(_is(i, "int") and i >= 0 for i in stop):
         raise BundleError(f"{mp}: field 'tokens.stop_ids' must be a list of token ids (integers >= 0), got {stop!r:.60}")
-    proc = _field(m, "processor", "dict", "", mp, required=False) or {}
-    crop = _field(proc, "crop_size", "int", "processor", mp, required=False)
-    if crop is not None:  # read back: the image pipeline is built for this one crop size
-        from .model_facts import CROP_SIZE
+    from .model_facts import CROP_SIZE, TOKENS_PER_CROP
 
-        if crop != CROP_SIZE:
-            raise BundleError(f"{mp}: field 'processor.crop_size' is {crop}; this phi3v-edge supports {CROP_SIZE} "
-                              "(CLIP ViT-L/14-336) only")
+    # read back: the image pipeline (runtime/image_transform.py, image_layout.py) is built for this geometry only
+    for section, key, want in (("processor", "crop_size", CROP_SIZE), ("processor", "num_img_tokens", TOKENS_PER_CROP),
+                               ("vision", "crop_size", CROP_SIZE), ("vision", "tokens_per_crop", TOKENS_PER_CROP)):
+        got = _field(m.get(section) or {}, key, "int", section, mp, required=False)
+        if got is not None and got != want:
+            raise BundleError(f"{mp}: field '{section}.{key}' is {got}; this phi3v-edge supports {want} only "
+                              "(CLIP ViT-L/14-336 crops, 144 merged tokens each)")
 
 
 def verify_bundle(bundle_dir: str | Path, progress=None) -> list[str]:

@@ -58,6 +58,8 @@ def _set(path, value):
     (_set(["rope", "attention_factor"], 2.0), r"'rope\.attention_factor' is 2\.0"),
     (_set(["tokens", "stop_ids"], [2, "x"]), r"'tokens\.stop_ids' must be a list of token ids"),
     (_set(["processor", "crop_size"], 448), r"'processor\.crop_size' is 448"),
+    (_set(["vision", "tokens_per_crop"], 256), r"'vision\.tokens_per_crop' is 256"),
+    (_set(["processor", "num_img_tokens"], "144"), r"'processor\.num_img_tokens' must be an integer"),
     (_set(["decoder", "all_logits"], "no"), r"'decoder\.all_logits' must be true or false"),
     (_drop(["decoder"]), r"field 'decoder' is missing"),
 ])
@@ -106,4 +108,5 @@ def test_the_exported_manifest_passes_and_reads_back(tiny_bundle):
     r = m["rope"]
     assert r["attention_factor"] == rope_attention_factor(r["max_position_embeddings"],
                                                           r["original_max_position_embeddings"])
-    assert m["processor"]["crop_size"] == CROP_SIZE
+    assert m["processor"]["crop_size"] == m["vision"]["crop_size"] == CROP_SIZE
+    assert m["processor"]["num_img_tokens"] == m["vision"]["tokens_per_crop"] == 144
