@@ -13,7 +13,7 @@
                   (what the reference does) instead
         sample    per row with its own options and random stream (sampler.py): greedy rows by argmax, the
                   others from the host logits; logprobs when asked
-        emit      detokenize, match stop strings (stops.py), push deltas to each handle; finished rows free
+        emit      detokenize, match stop strings (rows.py, stops.py), push deltas to each handle; finished rows free
                   their slot (its tokens stay for prefix reuse)
 
 A request fails alone: bad input raises in `submit` before it takes a slot; an error inside the loop fails the
@@ -27,8 +27,8 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 
 from . import bundle as fmt
@@ -37,53 +37,17 @@ from .errors import BundleError, EngineClosed, InputError, RequestCancelled
 from .image_transform import DEFAULT_MAX_PIXELS
 from .prepare import Prepared, Preparer
 from .processor import Phi3VProcessor
-from .request import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Delta, GenerationResult, RequestHandle, TokenLogprob
+from .request import FINISH_CANCELLED, Delta, GenerationResult, RequestHandle
 from .rope import needs_long
-from .sampler import Sampler, SamplingParams
+from .rows import Job, Row, accept, new_row, row_result, sample_next
+from .sampler import SamplingParams
 from .scheduler import Scheduler, Slot
 from .session import resolve_provider
-from .stops import StopMatcher, parse_stop, stop_id_set
-from .tokenizer import StreamDecoder
+from .stops import parse_stop, stop_id_set
 
 log = logging.getLogger("phi3v_edge.engine")
 MAX_LOGPROBS = 5
 PREFILL_BUDGET = 512  # prompt tokens prefilled per loop turn while other rows decode (at least one request)
-
-
-@dataclass
-class Job:
-    """A submitted request, waiting for its slot(s)."""
-    handle: RequestHandle
-    prep: Prepared
-    n: int
-    max_new_tokens: int
-    params: SamplingParams
-    stops: frozenset
-    stop_strings: list
-    logprobs: int | None
-    reuse_prefix: bool
-    continuation: list | None = None  # score jobs: teacher-forced ids
-    future: Future | None = None  # score jobs: the logits rows
-    admitted: float = 0.0
-
-
-@dataclass
-class Row:
-    """One generated sequence, decoding in one slot."""
-    job: Job
-    index: int
-    slot: Slot
-    sampler: Sampler
-    detok: StreamDecoder
-    matcher: StopMatcher
-    out: list = field(default_factory=list)
-    text: list = field(default_factory=list)
-    logprobs: list | None = None
-    pending: int | None = None  # sampled, not yet fed to the decoder
-    first_token_at: float = 0.0
-    prefill_s: float = 0.0
-    cached: int = 0
-    finish: str | None = None
 
 
 class Engine:
@@ -342,10 +306,7 @@ class Engine:
         slots, keep = self.scheduler.choose(job.prep.ids, job.prep.image_keys, long, job.n, job.reuse_prefix)
         rows = []
         for i, slot in enumerate(slots):
-            seed = job.params.seed
-            params = job.params if seed is None or i == 0 else _with_seed(job.params, seed + i)
-            row = Row(job, i, slot, Sampler(params), StreamDecoder(self.tokenizer), StopMatcher(job.stop_strings),
-                      logprobs=[] if job.logprobs is not None else None)
+            row = new_row(job, i, slot, self.tokenizer)
             self.scheduler.take(row, slot)
             rows.append(row)
         t0 = time.perf_counter()
@@ -441,56 +402,24 @@ class Engine:
         logits = self.decoder.logits_rows(slot.index, 1)[0]
         self._accept(row, self._sample(row, logits), logits, time.perf_counter())
 
-    # ---- per row: sampling, output, finishing --------------------------------------------------------
+    # ---- per row: output and finishing (the row's own logic: rows.py) ----------------------------------
     def _sample(self, row: Row, logits: np.ndarray) -> int:
-        if row.sampler.params.device_argmax:
-            return int(np.argmax(logits))
-        history = row.slot.tokens
-        return row.sampler(logits, history)
+        return sample_next(row, logits)
 
     def _accept(self, row: Row, tok: int, logits: np.ndarray | None, now: float) -> None:
-        job = row.job
-        row.out.append(tok)
-        if len(row.out) == 1:
-            row.first_token_at = now
-        lp = None
-        if row.logprobs is not None:
-            lp = _logprob(logits, tok, job.logprobs)
-            row.logprobs.append(lp)
-        hit_stop = tok in job.stops
-        last = hit_stop or len(row.out) == job.max_new_tokens
-        text = row.detok.put(tok)
-        if last:
-            text += row.detok.flush()
-        emit, matched = row.matcher.feed(text)
-        finish = FINISH_STOP if (matched or hit_stop) else (FINISH_LENGTH if last else None)
-        if finish is not None and not matched:
-            emit += row.matcher.flush()
-        row.text.append(emit)
-        job.handle._push(Delta(row.index, emit, [tok], [lp] if lp is not None else None, finish))
-        if finish is not None:
-            self._finish(row, finish, now, pushed=True)
-        else:
-            row.pending = tok
+        delta = accept(row, tok, logits, now)
+        row.job.handle._push(delta)
+        if delta.finish_reason is not None:
+            self._finish(row, delta.finish_reason, now, pushed=True)
 
     def _finish(self, row: Row, reason: str, now: float, pushed: bool = False) -> None:
-        job = row.job
         row.finish = reason
         if not pushed:  # cancelled: the consumer still gets a last delta with the reason
-            job.handle._push(Delta(row.index, row.matcher.flush() if reason != FINISH_CANCELLED else "", [], None,
-                                   reason))
-        created = job.handle.created
-        first = row.first_token_at or now
-        steps = max(0, len(row.out) - 1)
-        t = dict(job.prep.timings)
-        t.update(queue=max(0.0, job.admitted - created - t.get("preprocess", 0) - t.get("vision", 0)),
-                 prefill=row.prefill_s, ttft=first - created, decode=now - first, total=now - created,
-                 decode_steps=steps, tokens_per_s=steps / (now - first) if steps and now > first else 0.0)
-        res = GenerationResult(list(row.out), "".join(row.text), reason, t, int(job.prep.ids.size), row.cached,
-                               row.logprobs, row.index, self.provider)
+            row.job.handle._push(Delta(row.index, "", [], None, reason))
+        res = row_result(row, reason, now, self.provider)
         self.rows.remove(row)
         self.scheduler.release(row.slot)
-        job.handle._finish_row(row.index, res)
+        row.job.handle._finish_row(row.index, res)
 
     def _fail_row(self, row: Row, error: BaseException) -> None:
         if row in self.rows:
@@ -500,20 +429,4 @@ class Engine:
         row.job.handle._fail(error)
 
 
-def _with_seed(p: SamplingParams, seed: int) -> SamplingParams:
-    return SamplingParams(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, seed)
-
-
-def _logprob(logits: np.ndarray, tok: int, top: int) -> TokenLogprob:
-    x = np.asarray(logits, dtype=np.float64).reshape(-1)
-    m = x.max()
-    lse = m + np.log(np.exp(x - m).sum())
-    alts: list[tuple[int, float]] = []
-    if top:
-        idx = np.argpartition(-x, top - 1)[:top]
-        idx = idx[np.lexsort((idx, -x[idx]))]
-        alts = [(int(i), float(x[i] - lse)) for i in idx]
-    return TokenLogprob(int(tok), float(x[tok] - lse), alts)
-
-
-__all__ = ["Engine", "GenerationResult", "RequestHandle", "Delta"]
+__all__ = ["Delta", "Engine", "GenerationResult", "RequestHandle"]
