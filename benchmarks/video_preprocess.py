@@ -7,8 +7,9 @@ them) through image_transform.preprocess_images ("before": one image at a time) 
 frames.preprocess_same_size ("after": one geometry, one padded canvas, in-place normalisation, strided
 bicubic), checked identical, timed as the median wall and process CPU time of `repeats` runs, in ms per
 frame. Then the clip side: a 10 s mpeg4 clip of that size written with PyAV, and video.video_frames(frames=N)
-timed (probe + sampling + decoding, ms per sampled frame), with keyframe seeks and front to back. Prints a Markdown table with the device and the machine's
-load average before and after (other work on a shared machine shows there). Never part of the tests.
+timed (probe + sampling + decoding, ms per sampled frame), with keyframe seeks and front to back. Prints a
+Markdown table with the device and the machine's load average before and after (other work on a shared
+machine shows there). Never part of the tests.
 """
 from __future__ import annotations
 
@@ -80,19 +81,19 @@ def run(sizes: list[tuple[int, int, int]], n: int, repeats: int, decode: bool) -
         frames = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
         a, b = T.preprocess_images(frames, crops), F.preprocess_same_size(frames, crops)
         same = bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2])
-        before = timed(lambda: T.preprocess_images(frames, crops), repeats)
-        after = timed(lambda: F.preprocess_same_size(frames, crops), repeats)
-        one = timed(lambda: F.preprocess_same_size(frames[:1], crops), repeats)  # batching of one: the per-op gains
+        before = timed(lambda fr=frames, k=crops: T.preprocess_images(fr, k), repeats)
+        after = timed(lambda fr=frames, k=crops: F.preprocess_same_size(fr, k), repeats)
+        one = timed(lambda fr=frames[:1], k=crops: F.preprocess_same_size(fr, k), repeats)  # N=1: the per-op gains
         row = dict(size=f"{w}x{h}", crops=crops, hd=f"{b[1][0][1]}x{b[1][0][0]}", tokens=b[2][0], same=same,
                    before=before, after=after, single=(one[0] * n, one[1] * n))
         if decode:
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "clip.mp4")
                 write_clip(path, w, h)
-                row["decode"] = timed(lambda: V.video_frames(path, frames=n), max(1, repeats // 2))
+                row["decode"] = timed(lambda p=path: V.video_frames(p, frames=n), max(1, repeats // 2))
                 V.SEEKING = False
                 try:
-                    row["decode_all"] = timed(lambda: V.video_frames(path, frames=n), max(1, repeats // 2))
+                    row["decode_all"] = timed(lambda p=path: V.video_frames(p, frames=n), max(1, repeats // 2))
                 finally:
                     V.SEEKING = True
         rows.append(row)

@@ -1,18 +1,25 @@
 """Video clips as sampled frames of a multi-image prompt. Torch-free; PyAV (the `[video]` extra) is imported lazily.
 
     clip = video_frames("clip.mp4", frames=8)        # or fps=1.0; a path or the file's bytes
-    clip.frames, clip.timestamps                     # RGB PIL images in time order, seconds from the clip's start
+    clip.frames, clip.timestamps                     # RGB PIL images in time order, seconds from the first frame
     req = video_request(processor, "clip.mp4", "What happens?", frames=8, num_crops=4, max_length=4096,
                         max_new_tokens=256)          # budget check first, then decoding
     rt.generate(req.prompt, req.images)              # frame k is <|image_k|>
+    rt.generate(prompt, video="clip.mp4", video_frames=8)   # the same through Phi3VRuntime (prompt_video)
 
 Steps (each cheap one before any heavy work):
-    probe      open the container, demux the packets (no decoding): frame times, frame size, duration
+    probe      open the container, demux the packets (no decoding): frame times, keyframes, frame size,
+               duration; the display rotation from the first frame (phone clips: portrait stored landscape)
     sample     frames=N: N frames evenly over the duration, the frame shown at the middle of each of N
                equal segments; fps=F: the frame shown at 0, 1/F, 2/F, ... (each frame at most once)
     budget     the prompt with N placeholders at num_crops must fit max_length with max_new_tokens left:
                tokens per frame come from the frame size alone (image_transform.num_image_tokens_for)
-    decode     decode once, front to back, converting only the chosen frames to RGB
+    decode     front to back, seeking to the last keyframe before a chosen frame when it is ahead of the
+               decoder; only the chosen frames become RGB images (turned as displayed)
+
+Callers: the CLI (generate --video, chat /video: the CLI glue at the end), Phi3VRuntime.generate/stream
+(video=: prompt_video), the server's video_url parts (frames_from_data_url). Frames then go through the
+engine like any images; runtime/frames.py preprocesses images of one size together.
 
 Errors are VideoError (an InputError, so a ValueError): unreadable or corrupt file, no video stream,
 no frames, bad frames/fps values, too many frames for max_length (with the numbers and what to change),

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ def test_display_rotation_is_applied(tmp_path, processor):
 
 
 def test_bytes_and_path_give_the_same_frames(clips):
-    data = open(clips["mp4"], "rb").read()
+    data = Path(clips["mp4"]).read_bytes()
     a, b = V.video_frames(clips["mp4"], frames=3), V.video_frames(data, frames=3)
     assert a.timestamps == b.timestamps
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.frames, b.frames))
@@ -164,7 +165,7 @@ def test_bad_data_urls(url, words):
 
 
 def _corrupt(clips):
-    data = bytearray(open(clips["mp4"], "rb").read())
+    data = bytearray(Path(clips["mp4"]).read_bytes())
     return bytes(data[:100]) + b"\0" * (len(data) - 100)
 
 
@@ -404,7 +405,7 @@ def test_api_generate_and_stream_with_video(clips, rt, as_images):
     r = rt.generate(prompt, video=clips["mp4"], video_frames=3, num_crops=1, max_new_tokens=6, stop_ids=())
     assert r.token_ids == as_images[1].token_ids
     assert rt.last_video.timestamps == pytest.approx([0.2, 1.0, 1.6])
-    text = "".join(rt.stream(prompt, video=open(clips["mp4"], "rb").read(), video_frames=3, num_crops=1,
+    text = "".join(rt.stream(prompt, video=Path(clips["mp4"]).read_bytes(), video_frames=3, num_crops=1,
                              max_new_tokens=6, stop_ids=()))
     assert text == as_images[1].text
     with pytest.raises(V.VideoError, match="max_length 4096"):
@@ -444,7 +445,7 @@ def _chat(client, video_url: dict, **extra):
 
 
 def test_server_video_url_equals_the_same_frames_as_images(clips, client, as_images):
-    url = "data:video/mp4;base64," + base64.b64encode(open(clips["mp4"], "rb").read()).decode()
+    url = "data:video/mp4;base64," + base64.b64encode(Path(clips["mp4"]).read_bytes()).decode()
     r = _chat(client, {"url": url, "num_frames": 3})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -461,7 +462,7 @@ def test_server_video_url_equals_the_same_frames_as_images(clips, client, as_ima
     ({"url": "CLIP", "num_frames": 10, "_crops": 4}, "max_length 4096"),
 ])
 def test_server_bad_video_is_a_400_and_the_server_goes_on(clips, client, video_url, words):
-    clip = "data:video/mp4;base64," + base64.b64encode(open(clips["mp4"], "rb").read()).decode()
+    clip = "data:video/mp4;base64," + base64.b64encode(Path(clips["mp4"]).read_bytes()).decode()
     video_url = {k: (clip if v == "CLIP" else v) for k, v in video_url.items() if k != "_crops"}
     r = _chat(client, video_url, **({"num_crops": 4} if "max_length" in words else {}))
     assert r.status_code == 400, r.text
