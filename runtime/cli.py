@@ -168,6 +168,10 @@ def _messages(system, turns) -> list[dict]:
 def cmd_generate(args) -> int:
     kw = _sampling(args)
     _check_images(args.image)
+    if args.video:  # bad --frames / --fps or a missing file fail before the bundle loads
+        from .video import check_cli_video
+
+        check_cli_video(args)
     rt = _runtime(args)
     from .chat_template import build_prompt
 

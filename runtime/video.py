@@ -605,3 +605,10 @@ def chat_video(rt, path: str, args) -> list:
     print(f"(video {path}: {len(req.frames)} frames at {describe_timestamps(req.timestamps)} attached to your next "
           "message)", file=sys.stderr)
     return list(req.frames)
+
+
+def check_cli_video(args) -> None:
+    """`generate --video`: the cheap checks (sampling values, the file exists), before the bundle loads."""
+    check_sampling(args.frames, args.fps)
+    if not os.path.isfile(os.fspath(args.video)):
+        raise VideoError(f"cannot read video {args.video!r}: no such file")

@@ -343,6 +343,16 @@ def test_cli_video_errors_exit_2(clips, tiny_bundle, capsys, tail, words):
         assert w in err, err
 
 
+def test_cli_bad_video_options_fail_before_the_bundle_loads(clips, tmp_path, capsys):
+    """No bundle at all: the sampling values and the file are checked first."""
+    for tail, words in [(["--video", clips["mp4"], "--frames", "0"], "frames must be >= 1"),
+                        (["--video", clips["mp4"], "--fps", "0"], "fps must be a finite number > 0"),
+                        (["--video", str(tmp_path / "nope.mp4")], "no such file")]:
+        rc = main(["generate", str(tmp_path / "no-bundle"), "--prompt", "x"] + tail)
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "bundle" not in err, err
+
+
 def test_cli_corrupt_video_exit_2(tmp_path, tiny_bundle, capsys):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 100)
