@@ -424,6 +424,9 @@ def test_api_generate_and_stream_with_video(clips, rt, as_images):
         rt.generate(prompt, video=b"not a video" * 50)
     assert rt.generate(prompt, video=clips["mp4"], video_fps=1.0, num_crops=1, max_new_tokens=2).token_ids
     assert rt.last_video.timestamps == [0.0, 1.0]  # the runtime stays usable after the errors
+    r = rt.chat([{"role": "user", "content": "What happens?"}], video=clips["mp4"], video_frames=3, num_crops=1,
+                max_new_tokens=6, stop_ids=())  # chat passes video= on: the frames open the last user turn
+    assert r.token_ids == as_images[1].token_ids
 
 
 # ------------------------------------------------------------------------------ the server's video_url
