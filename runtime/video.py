@@ -146,7 +146,8 @@ def _video_stream(container, what: str):
 
 
 def probe(source: VideoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ClipInfo:
-    """Frame times, frame size and duration of a clip, from its packets (nothing is decoded)."""
+    """Frame times, keyframes, frame size and duration of a clip, from its packets (only the first frame is
+    decoded, for the display rotation); VideoError for an unreadable, empty or oversized clip."""
     av = _av()
     what = _describe(source)
     with _open(av, source, what) as container:
