@@ -41,7 +41,7 @@ def test_sessions_and_buffers_are_on_the_gpu(bundles):
     assert rt.decoder.session.get_providers()[0] == "CUDAExecutionProvider"
     assert rt.vision.session.get_providers()[0] == "CUDAExecutionProvider"
     dec = rt.decoder
-    assert dec.cache.keys[0].device_name().lower() == "cuda" and dec.logits.device_name().lower() == "cuda"
+    assert dec.cache.buffers[0].device_name().lower() == "cuda" and dec.logits.value.device_name().lower() == "cuda"
     assert dec.cache.dtype == np.float16
     r = rt.generate(TEXT, max_new_tokens=8, stop_ids=())
     assert len(r.token_ids) == 8 and r.timings["tokens_per_s"] > 0
@@ -74,7 +74,8 @@ def test_fp32_bundle_on_gpu_equals_cpu(bundles, image):
 
 
 def test_longrope_crossing_under_graph_replay(tmp_path_factory):
-    """The cos/sin tables are rewritten in place at the crossing: the captured graph must pick them up."""
+    """At the crossing the row's position_ids move to the long half of the stacked tables: the captured graph
+    must pick them up (they are a fixed device buffer written before each replay)."""
     from phi3v_edge.export.bundle import export_bundle
     from phi3v_edge.models.testing import tiny_config, write_tiny_checkpoint
 
@@ -85,8 +86,9 @@ def test_longrope_crossing_under_graph_replay(tmp_path_factory):
     prompt = "<|user|>\nTell me everything about lighthouses.<|end|>\n<|assistant|>\n"
     n = graph.count_tokens(prompt)
     assert n <= 48 < n + N
+    before = graph.stats()["long_recomputes"]
     a = graph.generate(prompt, max_new_tokens=N, stop_ids=())
-    assert graph.decoder.rope_long is True
+    assert graph.stats()["long_recomputes"] == before + 1
     assert a.token_ids == plain.generate(prompt, max_new_tokens=N, stop_ids=()).token_ids
     # the next request goes back to the short tables and still matches
     assert graph.generate(prompt, max_new_tokens=N, stop_ids=()).token_ids == a.token_ids
@@ -103,3 +105,20 @@ def test_sampling_and_stream_on_gpu(bundles):
     next(s)
     s.close()
     assert rt.generate(TEXT, max_new_tokens=32, stop_ids=()).token_ids == greedy.token_ids
+
+
+def test_batched_graph_replay_equals_plain_rows(bundles, image):
+    """Rows of different lengths in one bucket (1, 2 and 4 rows: one CUDA graph each) give the tokens they give
+    without graphs, one at a time."""
+    from phi3v_edge.runtime.engine import Engine
+
+    plain = make(bundles["int4"], cuda_graph=False)
+    reqs = [(TEXT, []), (ONE, [image]), ("<|user|>\nHi<|end|>\n<|assistant|>\n", [])]
+    want = [plain.generate(p, i, max_new_tokens=N, stop_ids=()).token_ids for p, i in reqs]
+    eng = Engine(bundles["int4"], provider="cuda", max_batch=4, max_length=2048)
+    try:
+        for k in (1, 2, 3):  # buckets 1, 2 and 4
+            hs = [eng.submit(p, i, max_new_tokens=N, stop_ids=(), reuse_prefix=False) for p, i in reqs[:k]]
+            assert [h.result(timeout=120).token_ids for h in hs] == want[:k]
+    finally:
+        eng.shutdown(drain_timeout=5)
