@@ -1,13 +1,14 @@
 """onnxruntime-genai decode speed on packages of the same weights: phi3v-edge's `--format genai` package beside
 the package of onnxruntime-genai's own builder (`python -m onnxruntime_genai.models.builder`). CPU.
 
-    python -m phi3v_edge.benchmarks.genai_decode NAME=PACKAGE_DIR [NAME=PACKAGE_DIR ...]
+    python -m phi3v_edge.benchmarks.genai_decode NAME=PACKAGE_DIR [NAME=PACKAGE_DIR ...] [--bundle NAME=BUNDLE_DIR]
         [--prompt-tokens 128] [--new-tokens 64] [--threads N] [--runs 3] [--out benchmarks/results/genai-decode-<date>.md]
 
-Every package gets the same text prompt (token ids fed with append_tokens / named tensors, greedy,
-max_length = prompt + new tokens), the same intra-op thread count (genai_config session_options overlay;
-onnxruntime-genai's own default uses one thread on a 2-vCPU machine), and is timed over `runs` generations:
-decode tokens/s = (new tokens - 1) / (time after the first new token), best run reported.
+Every package gets the same text prompt (its ids from phi3v-edge's processor, fed with append_tokens / named
+tensors, greedy, max_length = prompt + new tokens), the same intra-op thread count (genai_config
+session_options overlay; onnxruntime-genai's own default uses one thread on a 2-vCPU machine), and is timed over
+`runs` generations: decode tokens/s = (new tokens - 1) / (time after the first new token), best run reported.
+--bundle adds phi3v-edge's runtime on a bundle of the same weights (its own decode rate), same prompt and threads.
 """
 from __future__ import annotations
 
@@ -56,9 +57,32 @@ def one_run(og, model, ids: np.ndarray, new_tokens: int, multimodal: bool) -> tu
     return t1 - t0, (n - 1) / (t2 - t1)
 
 
+def prompt_of(proc, n_tokens: int) -> str:
+    """A chat prompt of about n_tokens ids (a sentence repeated)."""
+    words = "The quick brown fox jumps over the lazy dog near the river bank. "
+    k = 1
+    while proc(f"<|user|>\n{words * (k + 1)}<|end|>\n<|assistant|>\n").input_ids.shape[1] <= n_tokens:
+        k += 1
+    return f"<|user|>\n{words * k}<|end|>\n<|assistant|>\n"
+
+
+def runtime_row(name: str, path: str, prompt: str, a) -> dict:
+    from phi3v_edge.runtime import Phi3VRuntime
+
+    rt = Phi3VRuntime(path, provider="cpu", max_length=a.prompt_tokens + a.new_tokens + 64, threads=a.threads)
+    runs = []
+    for _ in range(a.runs):
+        r = rt.generate(prompt, max_new_tokens=a.new_tokens, stop_ids=())
+        runs.append((r.timings.get("ttft", r.timings.get("prefill", 0.0)), r.timings["tokens_per_s"]))
+    best = max(runs, key=lambda r: r[1])
+    return {"name": name, "path": path, "type": "phi3v-edge bundle", "ttft_s": best[0], "decode_tok_s": best[1],
+            "all_decode_tok_s": [r[1] for r in runs]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("packages", nargs="+", help="NAME=DIR pairs")
+    ap.add_argument("--bundle", action="append", default=[], help="NAME=DIR of a phi3v-edge bundle (repeatable)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -67,11 +91,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     import onnxruntime_genai as og
+    from phi3v_edge.runtime.processor import Phi3VProcessor
 
     from .export_bench import cpu_name
 
-    rng = np.random.default_rng(0)
-    ids = np.concatenate([[1], rng.integers(100, 30000, a.prompt_tokens - 1)]).astype(np.int64)[None]
+    proc = Phi3VProcessor.from_pretrained(a.packages[0].split("=", 1)[1])
+    prompt = prompt_of(proc, a.prompt_tokens)
+    ids = proc(prompt).input_ids
     rows = []
     for spec in a.packages:
         name, path = spec.split("=", 1)
@@ -84,6 +110,10 @@ def main(argv=None) -> int:
         print(f"{name}: decode {best[1]:.2f} tokens/s (runs {', '.join(f'{r[1]:.2f}' for r in runs)}), "
               f"prompt {best[0]:.2f} s", flush=True)
         del model
+    for spec in a.bundle:
+        name, path = spec.split("=", 1)
+        rows.append(runtime_row(name, path, prompt, a))
+        print(f"{name}: decode {rows[-1]['decode_tok_s']:.2f} tokens/s", flush=True)
     date = dt.date.today().isoformat()
     cmd = "python -m phi3v_edge.benchmarks.genai_decode " + " ".join(sys.argv[1:] if argv is None else argv)
     md = [f"# onnxruntime-genai {og.__version__} decode speed, CPU", "", f"- date: {date}",

@@ -150,6 +150,26 @@ def test_genai_own_processor_runs_end_to_end(tiny_model, images):
         assert len(out) == 4 and all(0 <= t < 32064 for t in out)
 
 
+def test_quantized_gqa_package_equals_its_bundle(tmp_path_factory, images):
+    """Quantization options and grouped KV heads: int8, asymmetric, block 64, kv_heads < heads. The package and
+    the bundle of the same options give the same greedy tokens (the same MatMulNBits weights in both)."""
+    from phi3v_edge.export.bundle import export_bundle
+    from phi3v_edge.models.testing import tiny_config, write_tiny_checkpoint
+    from phi3v_edge.runtime import Phi3VRuntime
+
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("gqa_ckpt"), tiny_config(num_kv_heads=2), seed=5)
+    opts = dict(precision="int8", target="cpu", block_size=64, symmetric=False, accuracy_level=0,
+                vision_precision="fp32")
+    out = tmp_path_factory.mktemp("gqa")
+    pkg = export_genai(ckpt, out / "genai", **opts)
+    rt = Phi3VRuntime(export_bundle(ckpt, out / "bundle", **opts), provider="cpu")
+    info = json.loads((pkg / "export_info.json").read_text())["text"]
+    assert (info["precision"], info["block_size"], info["symmetric"]) == ("int8", 64, False)
+    inputs, length = named_inputs(Phi3VProcessor.from_pretrained(pkg), ONE, images[:1])
+    got = genai_greedy(og.Model(str(pkg)), inputs, length, 10)
+    assert got == rt.generate(ONE, [Image.open(images[0])], max_new_tokens=10, stop_ids=()).token_ids
+
+
 # ---- LongRoPE past original_max_position_embeddings ---------------------------------------------------------
 def test_longrope_crossing_what_genai_does_and_the_exact_recipe(tmp_path_factory):
     """onnxruntime-genai cannot recompute the cache when a generation crosses original_max_position_embeddings
