@@ -158,8 +158,8 @@ def test_quantized_gqa_package_equals_its_bundle(tmp_path_factory, images):
     from phi3v_edge.runtime import Phi3VRuntime
 
     ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("gqa_ckpt"), tiny_config(num_kv_heads=2), seed=5)
-    opts = dict(precision="int8", target="cpu", block_size=64, symmetric=False, accuracy_level=0,
-                vision_precision="fp32")
+    opts = {"precision": "int8", "target": "cpu", "block_size": 64, "symmetric": False, "accuracy_level": 0,
+            "vision_precision": "fp32"}
     out = tmp_path_factory.mktemp("gqa")
     pkg = export_genai(ckpt, out / "genai", **opts)
     rt = Phi3VRuntime(export_bundle(ckpt, out / "bundle", **opts), provider="cpu")
