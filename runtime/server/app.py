@@ -134,6 +134,7 @@ class _Clock:
     def __init__(self, metrics: Metrics, arrival: float):
         self.m, self.arrival = metrics, arrival
         self.first: float | None = None
+        self.first_text: float | None = None  # streams: when the first chunk with text went out
         self.last: dict[int, float] = {}
 
     def tokens(self, index: int, count: int) -> None:
@@ -238,14 +239,18 @@ async def chat_completions(request: Request) -> Response:
 
 def _timings(results, handle, arrival: float, clock: _Clock) -> list[dict]:
     """The `timings` extra: each row's engine timings, plus the server's own share of the first token's wait:
-    server_before_submit (request start -> Engine.submit called: body, JSON, images, a free worker thread) and
-    server_token_to_loop (the engine's first token -> the event loop has it)."""
+    server_before_submit (request start -> Engine.submit called: body, JSON, images, a free worker thread),
+    server_token_to_loop (the engine's first token -> the event loop has it) and, on a stream,
+    first_text_after_token (the first token -> the first delta with text: tokens without text of their own, such
+    as part of a multi-byte character, wait for the next ones; the engine's streaming, not the server's cost)."""
     out = []
     for r in results:
         t = dict(r.timings)
         t["server_before_submit"] = handle.created - arrival
         if clock.first is not None and "ttft" in t:
             t["server_token_to_loop"] = clock.first - (handle.created + t["ttft"])
+            if clock.first_text is not None:
+                t["first_text_after_token"] = clock.first_text - clock.first
         out.append(t)
     return out
 
@@ -332,6 +337,8 @@ async def _stream(state: ServerState, req: P.ChatRequest, handle, arrival: float
                 continue
             lp = P.logprobs_body(tk, d.logprobs) if req.logprobs and d.logprobs else None
             if d.text or lp:
+                if clock.first_text is None and d.text:
+                    clock.first_text = time.perf_counter()
                 yield chunk([P.chunk_choice(d.index, {"content": d.text}, logprobs=lp)])
             if d.finish_reason:
                 yield chunk([P.chunk_choice(d.index, {}, d.finish_reason)])
