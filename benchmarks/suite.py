@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .measure import copy_bandwidth_gbps, env_versions
+from .measure import copy_bandwidth_gbps, env_versions, median
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROW_KEYS = ("system", "precision", "cuda_graph", "decode_tok_s_1k", "decode_tok_s_4k", "ttft_ms_crops4",
@@ -49,7 +49,7 @@ SESSION_CANDIDATES = {  # name -> session config entries ("so.X": a SessionOptio
     "noprepack": {"session.disable_prepacking": "1"},
     "opt-basic": {"so.graph_optimization_level": 1},
 }
-CPU_FULL = dict(runs=1, warmup=1, rounds=3, new_tokens=32, contexts={"short": 128}, crops=[1], max_length=384)
+CPU_FULL = dict(runs=1, warmup=1, rounds=3, new_tokens=32, contexts={"short": 130}, crops=[1], max_length=384)
 
 
 def plan(device: str, tiny: bool = True, candidates: list[str] | None = None) -> list[dict]:
@@ -63,9 +63,15 @@ def plan(device: str, tiny: bool = True, candidates: list[str] | None = None) ->
             dict(label="phi3v-edge", system="edge", precision="int4", cuda_graph=False, bundle="int4-acc0",
                  variant="acc 0, fp32 vision (before)"),
             dict(label="onnxruntime-genai", system="ort-genai", precision="int4", cuda_graph=False,
-                 variant="its defaults", threads=None),
+                 variant="its builder, its defaults", threads=None),
             dict(label="onnxruntime-genai", system="ort-genai", precision="int4", cuda_graph=False,
-                 variant=f"{physical_cores()} threads", threads=physical_cores()),
+                 variant=f"its builder, {physical_cores()} threads", threads=physical_cores()),
+            # the same int4 graphs as the default bundle, run by onnxruntime-genai (export --format genai)
+            dict(label="onnxruntime-genai", system="ort-genai", precision="int4", cuda_graph=False,
+                 variant="phi3v-edge genai package, its defaults", threads=None, genai_package="int4"),
+            dict(label="onnxruntime-genai", system="ort-genai", precision="int4", cuda_graph=False,
+                 variant=f"phi3v-edge genai package, {physical_cores()} threads", threads=physical_cores(),
+                 genai_package="int4"),
             dict(label="pytorch", system="torch", precision="bf16", cuda_graph=False, torch_dtype="bf16"),
         ]
         for c in candidates or []:
@@ -126,6 +132,21 @@ def prepare(work: Path, tiny: bool, device: str, log, keys=None) -> tuple[Path, 
     return ckpt, bundles
 
 
+def prepare_genai(work: Path, ckpt: Path, device: str, keys, log) -> dict[str, Path]:
+    """phi3v-edge's onnxruntime-genai packages (export --format genai) of the same checkpoint and options."""
+    from phi3v_edge.export.genai import export_genai
+
+    out = {}
+    for key in keys:
+        path = work / f"genai-{key}-{device}"
+        if not (path / "genai_config.json").is_file():
+            t0 = time.perf_counter()
+            export_genai(ckpt, path, target=device, force=True, **BUNDLES[key])
+            log(f"exported the {key} genai package in {time.perf_counter() - t0:.0f} s")
+        out[key] = path
+    return out
+
+
 def run_child(system: str, spec: dict, work: Path, tag: str, timeout: float) -> dict:
     spec_path, out_path = work / f"spec-{tag}.json", work / f"row-{tag}.json"
     spec_path.write_text(json.dumps(spec))
@@ -160,11 +181,11 @@ def skip_reason(system: str, device: str) -> str | None:
 def table_row(p: dict, r: dict, settings: dict | None = None) -> dict:
     settings = settings or {"contexts": {"1k": 0, "4k": 0}, "crops": [4, 16]}
     labels, crops = list(settings["contexts"]), list(settings["crops"])
-    split = r.get(f"split_crops{crops[0]}") or {}
+    split = (r.get(f"split_crops{crops[0]}") or {}) if crops else {}
     row = {k: None for k in ROW_KEYS}
     row.update(system=p["label"], precision=p["precision"], cuda_graph=p["cuda_graph"], variant=p.get("variant"),
                preprocess_ms=split.get("preprocess"), vision_ms=split.get("vision"),
-               prefill_ms=split.get("prefill", r.get(f"prefill_ms_{labels[0]}")),
+               prefill_ms=split.get("prefill"),
                peak_gpu_gib=r.get("peak_gpu_gib"), bundle_gb=r.get("bundle_gb"),
                achieved_gbps=r.get(f"achieved_gbps_{labels[0]}"))
     for label in labels:
@@ -175,7 +196,10 @@ def table_row(p: dict, r: dict, settings: dict | None = None) -> dict:
     extra = {k: r[k] for k in ("achieved_gbps_4k", "context_1k", "context_4k", "peak_rss_gib", "build_s",
                                "build_peak_rss_gib", "threads", "export", "rounds", "per_round", "error",
                                "skipped", "wall_s") if r.get(k) is not None}
-    extra.update({k: r[k] for k in r if k.startswith(("context_", "step_gb_", "prompt_tokens_"))})
+    extra.update({k: r[k] for k in r if k.startswith(("context_", "step_gb_", "prompt_tokens_", "raw_step_ms_",
+                                                      "host_overhead_ms_", "genai_vision_prefill_ms_"))})
+    if r.get("model"):
+        extra["genai_model"] = r["model"]
     row.update(extra)
     return row
 
@@ -185,9 +209,10 @@ def columns(res: dict) -> list[str]:
     labels, crops = list(st["contexts"]), list(st["crops"])
     cuda = res.get("device_kind", "cuda") == "cuda"
     cols = ["system", "precision", "variant"] + (["cuda_graph"] if cuda else [])
-    cols += [f"decode_tok_s_{x}" for x in labels] + ([] if cuda else [f"text_prefill_ms_{x}" for x in labels])
-    cols += [f"ttft_ms_crops{crops[0]}", "preprocess_ms", "vision_ms", "prefill_ms"]
-    cols += [f"ttft_ms_crops{c}" for c in crops[1:]]
+    cols += [f"decode_tok_s_{x}" for x in labels] + [f"text_prefill_ms_{x}" for x in labels]
+    if crops:
+        cols += [f"ttft_ms_crops{crops[0]}", "preprocess_ms", "vision_ms", "prefill_ms"]
+        cols += [f"ttft_ms_crops{c}" for c in crops[1:]]
     cols += ["peak_gpu_gib"] if cuda else ["peak_rss_gib"]
     return cols + ["bundle_gb", "achieved_gbps"]
 
@@ -210,9 +235,10 @@ def markdown(res: dict) -> str:
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in res["rows"]:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-    lines += ["", f"prefill_ms, preprocess_ms, vision_ms: the image prompt at num_crops {st['crops'][0]} "
-                  f"(ttft_ms_crops{st['crops'][0]} = their sum); text_prefill_ms: the text prompt, prompt in to "
-                  "first token out; achieved_gbps: weight + KV bytes a decode step reads x decode rate."]
+    c0 = st["crops"][0] if st["crops"] else None
+    lines += ["", (f"prefill_ms, preprocess_ms, vision_ms: the image prompt at num_crops {c0} (ttft_ms_crops{c0} = "
+                   "their sum); " if c0 else "") + "text_prefill_ms: the text prompt, prompt in to first token out; "
+              "achieved_gbps: weight + KV bytes a decode step reads x decode rate."]
     notes = [f"- {r['system']} {r['precision']} {r.get('variant') or ''}: {r.get('error') or r.get('skipped')}"
              for r in res["rows"] if r.get("error") or r.get("skipped")]
     if notes:
@@ -226,7 +252,8 @@ def plot(res: dict, path: Path) -> None:
     from PIL import Image, ImageDraw
 
     st = res["settings"]
-    dkey, tkey = f"decode_tok_s_{next(iter(st['contexts']))}", f"ttft_ms_crops{st['crops'][0]}"
+    c0 = st["crops"][0] if st["crops"] else None
+    dkey, tkey = f"decode_tok_s_{next(iter(st['contexts']))}", f"ttft_ms_crops{c0}"
     rows = [r for r in res["rows"] if r.get(dkey) or r.get(tkey)]
     W, H, pad, bar_h = 900, 120 + 2 * (40 + 28 * max(1, len(rows))), 10, 22
     im = Image.new("RGB", (W, H), "white")
@@ -234,7 +261,7 @@ def plot(res: dict, path: Path) -> None:
     d.text((pad, pad), f"phi3v-edge bench - {res['device']} - {res['date'][:10]}", fill="black")
     y = 40
     for key, title in ((dkey, f"decode tokens/s, {next(iter(st['contexts']))} context (higher is better)"),
-                       (tkey, f"time to first token, 1 image, num_crops {st['crops'][0]}, ms (lower is better)")):
+                       (tkey, f"time to first token, 1 image, num_crops {c0}, ms (lower is better)")):
         d.text((pad, y), title, fill="black")
         y += 20
         vmax = max([r.get(key) or 0 for r in rows] + [1e-9])
@@ -303,6 +330,8 @@ def main(argv=None) -> int:
                                                            "5, tiny 1, cpu 1)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved rounds: every system once per round, medians over rounds (default 1, cpu 3)")
+    ap.add_argument("--crops", default=None,
+                    help="comma-separated num_crops of the image TTFT runs (default 4,16; cpu 1; 'none': no image)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decode tokens per run (default 128, tiny 8, cpu 32)")
     ap.add_argument("--genai-build-min-gb", type=float, default=None,
                     help="build onnxruntime-genai's model only with this much memory available (default 22 for "
@@ -324,6 +353,9 @@ def main(argv=None) -> int:
         keys = list(dict.fromkeys(p["bundle"] for p in rows_plan if p.get("bundle")
                                   and (not wanted or p["system"] in wanted)))
     ckpt, bundles = prepare(work, a.tiny, device, log, keys)
+    genai_keys = list(dict.fromkeys(p["genai_package"] for p in rows_plan if p.get("genai_package")
+                                    and (not wanted or p["system"] in wanted) and not skip_reason(p["system"], device)))
+    packages = prepare_genai(work, ckpt, device, genai_keys, log) if genai_keys else {}
     if cpu_full:
         base = dict(CPU_FULL, device=device, checkpoint=str(ckpt), workdir=str(work))
         for k, v in (("runs", a.runs), ("rounds", a.rounds), ("new_tokens", a.new_tokens)):
@@ -336,6 +368,8 @@ def main(argv=None) -> int:
                     contexts={"1k": 96, "4k": 240} if a.tiny else {"1k": 1024, "4k": 4096 - new_tokens},
                     max_length=2048 if a.tiny else 4096)
     base["build_min_avail_gb"] = a.genai_build_min_gb if a.genai_build_min_gb is not None else (22 if cpu_full else 0)
+    if a.crops:
+        base["crops"] = [] if a.crops == "none" else [int(c) for c in a.crops.split(",")]
     settings = {k: base[k] for k in ("runs", "warmup", "rounds", "new_tokens", "contexts", "crops", "max_length")}
     todo = [(i, p) for i, p in enumerate(rows_plan) if not wanted or p["system"] in wanted]
     per_row: dict[int, list[dict]] = {i: [] for i, _ in todo}
@@ -347,6 +381,8 @@ def main(argv=None) -> int:
                 continue
             spec = dict(base, cuda_graph=p["cuda_graph"], bundle=str(bundles.get(p.get("bundle"), "")),
                         **{k: p[k] for k in ("threads", "session_config", "torch_dtype") if p.get(k) is not None})
+            if p.get("genai_package"):
+                spec["genai_package"] = str(packages[p["genai_package"]])
             log(f"[round {rnd + 1}/{base['rounds']}, {i + 1}] {p['label']} {p['precision']} {p.get('variant') or ''}"
                 f"{' (cuda graph)' if p['cuda_graph'] else ''} ...")
             r = run_child(p["system"], spec, work, f"{i}-r{rnd}", a.timeout)

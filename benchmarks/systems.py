@@ -92,6 +92,18 @@ def export_options(manifest: dict) -> dict:
             "embedding_precision": dec.get("embedding_precision")}
 
 
+def raw_step_s(dec, n: int = 8) -> float:
+    """Seconds of one decode step of the graph alone: the last step's IOBinding (batch 1) run again n times
+    (same position, same work; benchmark-only use of the decoder's binding). 1 / decode rate minus this is
+    the runtime's per-step host overhead (sampling, buffers, the engine's loop)."""
+    bd, ro = dec._step_binding(1)
+    dec.session.run_with_iobinding(bd, ro)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dec.session.run_with_iobinding(bd, ro)
+    return (time.perf_counter() - t0) / n
+
+
 def run_edge(spec: dict) -> dict:
     from phi3v_edge.runtime import Phi3VRuntime
     from phi3v_edge.runtime.bundle import load_manifest
@@ -138,8 +150,11 @@ def run_edge(spec: dict) -> dict:
                                                 manifest["decoder"]["num_kv_heads"], manifest["decoder"]["head_dim"],
                                                 res.prompt_tokens + spec["new_tokens"] // 2,
                                                 2 if manifest["decoder"].get("io_dtype") == "float16" else 4)
-            row[f"achieved_gbps_{label}"] = round(step_bytes * rate / 1e9, 1)
+            row[f"achieved_gbps_{label}"] = round(step_bytes * rate / 1e9, 3)
             row[f"step_gb_{label}"] = round(step_bytes / 1e9, 3)
+            raw = raw_step_s(rt.decoder)
+            row[f"raw_step_ms_{label}"] = round(1e3 * raw, 2)  # the decoder graph alone, same step re-run
+            row[f"host_overhead_ms_{label}"] = round(1e3 * (1 / rate - raw), 2) if rate else None
     row["peak_gpu_gib"] = mem.peak_gib
     row["peak_rss_gib"] = peak_rss_gib()
     row["bundle_gb"] = round(sum(v["bytes"] for v in manifest["files"].values()) / 1e9, 3)
@@ -228,7 +243,7 @@ def run_torch(spec: dict, nf4: bool = False) -> dict:
             wbytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "layers" in n)
             step = decoder_bytes_per_step(wbytes, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                           int(ids.shape[1]) + spec["new_tokens"] // 2, 2 if dtype != torch.float32 else 4)
-            row[f"achieved_gbps_{label}"] = round(step * rate / 1e9, 1)
+            row[f"achieved_gbps_{label}"] = round(step * rate / 1e9, 3)
     row["peak_gpu_gib"] = mem.peak_gib
     row["peak_rss_gib"] = peak_rss_gib()
     row["bundle_gb"] = None
@@ -277,45 +292,74 @@ def text_only_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def build_ort_genai(ck: Path, out: Path, dev: str, cache: Path) -> dict:
+def build_ort_genai(ck: Path, out: Path, dev: str, cache: Path, min_free_gib: float = 1.5) -> dict:
     """onnxruntime-genai's own builder, int4, in a child process; its wall time and peak RSS (the builder
-    holds the whole model: over 20 GB for the full-size one)."""
+    holds the whole model: over 20 GB for the full-size one). The child is stopped, with a clear error,
+    if the machine's available memory falls under `min_free_gib` (rather than leaving it to the OOM killer)."""
     import resource
 
     extra = ["--extra_options", "enable_cuda_graph=1"] if dev == "cuda" else []
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ck), "-o", str(out),
-                        "-p", "int4", "-e", dev, "-c", str(cache)] + extra,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if r.returncode:
-        raise RuntimeError(f"onnxruntime-genai builder failed: {r.stderr[-800:]}")
+    log = out.with_name(out.name + ".build.log")
+    t0, peak, stopped = time.perf_counter(), 0, None
+    with open(log, "w") as f:
+        child = subprocess.Popen([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ck), "-o", str(out),
+                                  "-p", "int4", "-e", dev, "-c", str(cache)] + extra, stdout=f, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        while child.poll() is None:
+            peak = max(peak, _rss_bytes(child.pid))
+            avail = mem_available_gib()
+            if avail is not None and avail < min_free_gib:
+                stopped = f"stopped at {peak / 2 ** 30:.1f} GiB RSS: only {avail:.1f} GiB of memory was left"
+                child.kill()
+                child.wait()
+                break
+            time.sleep(0.2)
+    if stopped or child.returncode:
+        raise RuntimeError(f"onnxruntime-genai builder {stopped or 'failed'}: {log.read_text()[-800:]}")
     info = {"build_s": round(time.perf_counter() - t0, 1),
-            "build_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20, 3)}
+            "build_peak_rss_gib": round(max(peak, 1024 * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+                                        / 2 ** 30, 3)}
     (out / "phi3v_edge_build.json").write_text(json.dumps(info))
     return info
 
 
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def genai_graph_facts(model_dir: Path) -> dict:
-    """From the built decoder graph: the embedding table's bytes (gathered, not streamed; fp32 on the CPU,
-    fp16 on CUDA) and the MatMulNBits accuracy_level / block size its builder chose."""
+    """From the built text graph: the embedding table's bytes (gathered, not streamed; fp32 on the CPU, fp16
+    on CUDA; 0 where the embedding is a graph of its own, as in a phi3v package), the other decoder bytes,
+    and the MatMulNBits accuracy_level / block size its builder chose."""
     import onnx
 
     cfg = json.loads((model_dir / "genai_config.json").read_text())
-    m = onnx.load(str(model_dir / cfg["model"]["decoder"]["filename"]), load_external_data=False)
+    path = model_dir / cfg["model"]["decoder"]["filename"]
+    m = onnx.load(str(path), load_external_data=False)
     itemsize = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
                 onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1}
     emb = sum(int(np.prod(t.dims)) * itemsize.get(t.data_type, 4) for t in m.graph.initializer
               if "embed_tokens" in t.name)
+    data = {t.external_data[i].value for t in m.graph.initializer for i in range(len(t.external_data))
+            if t.external_data[i].key == "location"}
+    total = path.stat().st_size + sum((model_dir / f).stat().st_size for f in data)
     nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     attr = lambda n, k: next((a.i for a in n.attribute if a.name == k), None)  # noqa: E731
-    return {"embedding_bytes": emb,
+    return {"embedding_bytes": emb, "decoder_bytes": total, "model_type": cfg["model"].get("type"),
             "accuracy_level": sorted({attr(n, "accuracy_level") or 0 for n in nbits}),
             "block_size": sorted({attr(n, "block_size") for n in nbits})}
 
 
 def genai_with_threads(model_dir: Path, threads: int | None) -> Path:
     """The model directory as is (threads None: onnxruntime-genai's defaults), or a sibling that links its
-    files and sets decoder session_options.intra_op_num_threads in genai_config.json."""
+    files and sets session_options.intra_op_num_threads of every graph (decoder, embedding, vision) in
+    genai_config.json."""
     if not threads:
         return model_dir
     dst = model_dir.with_name(f"{model_dir.name}-t{threads}")
@@ -324,49 +368,88 @@ def genai_with_threads(model_dir: Path, threads: int | None) -> Path:
         if f.is_file() and f.name != "genai_config.json" and not (dst / f.name).exists():
             (dst / f.name).symlink_to(f.resolve())
     cfg = json.loads((model_dir / "genai_config.json").read_text())
-    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = int(threads)
+    for section in ("decoder", "embedding", "vision"):
+        if section in cfg["model"]:
+            cfg["model"][section].setdefault("session_options", {})["intra_op_num_threads"] = int(threads)
     (dst / "genai_config.json").write_text(json.dumps(cfg, indent=2))
     return dst
 
 
+def _genai_first_token(og, model, po, total: int, multimodal: bool):
+    """A generator over our processor's output `po` (named tensors for a phi3v package, the ids appended
+    for a text model); returns it after the first token, and the time that took."""
+    from phi3v_edge.export.genai_host import named_tensors
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    gen = og.Generator(model, params)
+    inputs = named_tensors(og, po) if multimodal else po.input_ids[0].astype(np.int32)
+    t0 = time.perf_counter()
+    if multimodal:
+        gen.set_inputs(inputs)
+    else:
+        gen.append_tokens(inputs)
+    gen.generate_next_token()
+    return gen, time.perf_counter() - t0
+
+
 def run_ort_genai(spec: dict) -> dict:
+    """onnxruntime-genai on the same weights: its own builder's model (built here, text only), or with
+    spec["genai_package"] a phi3v-edge `export --format genai` package (then the image TTFT too)."""
     import onnxruntime_genai as og
+
+    from phi3v_edge.runtime.processor import Phi3VProcessor
 
     dev = spec["device"]
     work = Path(spec["workdir"])
-    ck = text_only_checkpoint(Path(spec["checkpoint"]), work / "og_ckpt")
-    out = work / f"og_int4_{dev}"
-    if not (out / "genai_config.json").is_file():
-        need, avail = float(spec.get("build_min_avail_gb") or 0), mem_available_gib()
-        if avail is not None and avail < need:
-            raise RuntimeError(f"onnxruntime-genai's builder not run: it needs about {need:g} GB and "
-                               f"{avail:.1f} GiB is available (--genai-build-min-gb)")
-        build = build_ort_genai(ck, out, dev, work / "og_cache")
-    else:  # built by an earlier run: report that run's figures
-        f = out / "phi3v_edge_build.json"
-        build = dict(json.loads(f.read_text()), reused=True) if f.is_file() else {}
+    if spec.get("genai_package"):
+        out, build = Path(spec["genai_package"]), {"model": "phi3v-edge genai package"}
+    else:
+        ck = text_only_checkpoint(Path(spec["checkpoint"]), work / "og_ckpt")
+        out = work / f"og_int4_{dev}"
+        if not (out / "genai_config.json").is_file():
+            need, avail = float(spec.get("build_min_avail_gb") or 0), mem_available_gib()
+            if avail is not None and avail < need:
+                raise RuntimeError(f"onnxruntime-genai's builder not run: it needs about {need:g} GB and "
+                                   f"{avail:.1f} GiB is available (--genai-build-min-gb)")
+            build = build_ort_genai(ck, out, dev, work / "og_cache")
+        else:  # built by an earlier run: report that run's figures
+            f = out / "phi3v_edge_build.json"
+            build = dict(json.loads(f.read_text()), reused=True) if f.is_file() else {}
+        build["model"] = "onnxruntime-genai builder"
     facts = genai_graph_facts(out)
     row = {**build, "threads": spec.get("threads") or "default", "export": {
         "accuracy_level": facts["accuracy_level"], "block_size": facts["block_size"]}}
-    from phi3v_edge.runtime.processor import Phi3VProcessor
-
     proc = Phi3VProcessor.from_pretrained(spec["checkpoint"])
     count = lambda p: proc(p).input_ids.shape[1]  # noqa: E731
+    cfg = json.loads((Path(spec["checkpoint"]) / "config.json").read_text())
     with GpuMemorySampler() as mem:
         model = og.Model(str(genai_with_threads(out, spec.get("threads"))))
+        multimodal = facts["model_type"] == "phi3v"
+        if multimodal:  # one image, as run_edge: our processor's tensors (preprocess timed)
+            prompt, images = image_prompt()
+            for crops in spec["crops"]:
+                runs = []
+                for i in range(spec["warmup"] + spec["runs"]):
+                    t0 = time.perf_counter()
+                    po = proc(prompt, images=images, num_crops=crops)
+                    pre = time.perf_counter() - t0
+                    gen, first = _genai_first_token(og, model, po, po.input_ids.shape[1] + 1, True)
+                    del gen
+                    if i >= spec["warmup"]:
+                        runs.append({"preprocess": pre, "vision+prefill": first})
+                t = _median_timings(runs)
+                row[f"ttft_ms_crops{crops}"] = round(1e3 * sum(t.values()), 2)
+                row[f"split_crops{crops}"] = {"preprocess": round(1e3 * t["preprocess"], 2)}
+                row[f"genai_vision_prefill_ms_crops{crops}"] = round(1e3 * t["vision+prefill"], 2)
+                row[f"prompt_tokens_crops{crops}"] = int(po.input_ids.shape[1])
         for label, ctx in spec["contexts"].items():
             # the prompt run_edge times, as the same ids (phi3v-edge's processor: BOS per text chunk)
-            ids = proc(filler_prompt(count, ctx)).input_ids[0].astype(np.int32)
-            n_prompt = int(ids.size)
+            po = proc(filler_prompt(count, ctx))
+            n_prompt = int(po.input_ids.shape[1])
             rates, prefills = [], []
             for i in range(spec["warmup"] + spec["runs"]):
-                params = og.GeneratorParams(model)
-                total = n_prompt + spec["new_tokens"]
-                params.set_search_options(max_length=total, min_length=total, do_sample=False)
-                gen = og.Generator(model, params)
-                t0 = time.perf_counter()
-                gen.append_tokens(ids)
-                gen.generate_next_token()
+                gen, first = _genai_first_token(og, model, po, n_prompt + spec["new_tokens"], multimodal)
                 t1 = time.perf_counter()
                 n = 0
                 while not gen.is_done() and n < spec["new_tokens"] - 1:
@@ -377,18 +460,16 @@ def run_ort_genai(spec: dict) -> dict:
                 del gen
                 if i >= spec["warmup"]:
                     rates.append(n / (t2 - t1))
-                    prefills.append(t1 - t0)
+                    prefills.append(first)
             row[f"greedy_ids_{label}"] = generated
             rate = median(rates)
             row[f"decode_tok_s_{label}"] = round(rate, 2)
             row[f"prefill_ms_{label}"] = round(1e3 * median(prefills), 1)
             row[f"context_{label}"] = n_prompt
-            data = sum(p.stat().st_size for p in out.glob("*.onnx*"))
-            cfg = json.loads((ck / "config.json").read_text())
-            step = decoder_bytes_per_step(data - facts["embedding_bytes"], cfg["num_hidden_layers"],
+            step = decoder_bytes_per_step(facts["decoder_bytes"] - facts["embedding_bytes"], cfg["num_hidden_layers"],
                                           cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"],
                                           n_prompt + spec["new_tokens"] // 2, 2 if dev == "cuda" else 4)
-            row[f"achieved_gbps_{label}"] = round(step * rate / 1e9, 1)
+            row[f"achieved_gbps_{label}"] = round(step * rate / 1e9, 3)
             row[f"step_gb_{label}"] = round(step / 1e9, 3)
     row["peak_gpu_gib"] = mem.peak_gib
     row["peak_rss_gib"] = peak_rss_gib()
