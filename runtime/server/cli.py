@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     lg.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    # --ray, --replicas, --autoscale, ... (Ray Serve scale-out: ray_cli.py)
+    from .ray_cli import add_ray_arguments
+
+    add_ray_arguments(p)
     return p
 
 
@@ -126,7 +130,10 @@ def main(argv=None) -> int:
     try:
         check_extra()
         _check_args(a)
-        return serve(a)
+        from .ray_cli import check_ray_args, serve_on_ray
+
+        check_ray_args(a)
+        return serve_on_ray(a) if a.ray else serve(a)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
