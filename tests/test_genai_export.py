@@ -42,8 +42,13 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_package(tiny_checkpoint, tmp_path_factory):
-    """The fp32 genai package of the same checkpoint as `tiny_bundle`."""
-    return export_genai(tiny_checkpoint, tmp_path_factory.mktemp("genai") / "fp32", "fp32", target="cpu")
+    """The fp32 genai package of the same checkpoint as `tiny_bundle`, made by the CLI."""
+    from phi3v_edge.export import cli
+
+    out = tmp_path_factory.mktemp("genai") / "fp32"
+    assert cli.main([str(tiny_checkpoint), "--out", str(out), "--format", "genai", "--precision", "fp32",
+                     "--target", "cpu", "--quiet"]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,7 @@ def test_package_files_and_config(tiny_package, tiny_checkpoint):
     assert (tiny_package / "tokenizer.json").is_file() and (tiny_package / "tokenizer_config.json").is_file()
 
 
-def test_bad_options_are_clear_errors(tiny_checkpoint, tiny_package, tmp_path):
+def test_bad_options_are_clear_errors(tiny_checkpoint, tiny_package, tmp_path, capsys):
     with pytest.raises(ExportError, match="already exists"):
         export_genai(tiny_checkpoint, tiny_package, "fp32", target="cpu")
     with pytest.raises(ExportError, match="max_length"):
@@ -89,6 +94,10 @@ def test_bad_options_are_clear_errors(tiny_checkpoint, tiny_package, tmp_path):
     with pytest.raises(ExportError, match="all-logits"):
         export_genai(tiny_checkpoint, tmp_path / "y", "fp32", target="cpu", all_logits=True)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    from phi3v_edge.export import cli
+
+    assert cli.main([str(tiny_checkpoint), "--out", str(tmp_path / "z"), "--max-length", "64", "--quiet"]) == 2
+    assert "--format genai" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 def test_vision_graph_equals_bundle_vision(tiny_package, tiny_bundle, images):
