@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def named_tensors(og, po):
+def named_tensors(og, po, pixel_dtype=np.float32):
     """phi3v-edge ProcessorOutput -> og.NamedTensors: input_ids int32 (image k's placeholders hold -k), and with
-    images pixel_values, image_sizes and num_image_tokens (onnxruntime-genai sizes image_features from it).
-    A C host does the same with OgaCreateNamedTensors / OgaNamedTensorsSet."""
+    images pixel_values (in the vision graph's dtype: float16 for a --target cuda package), image_sizes and
+    num_image_tokens (onnxruntime-genai sizes image_features from it). A C host does the same with
+    OgaCreateNamedTensors / OgaNamedTensorsSet."""
     nt = og.NamedTensors()
     nt["input_ids"] = po.input_ids.astype(np.int32)
     if po.pixel_values is not None:
-        nt["pixel_values"] = po.pixel_values.astype(np.float32)
+        nt["pixel_values"] = po.pixel_values.astype(pixel_dtype)
         nt["image_sizes"] = po.image_sizes.astype(np.int64)
         nt["num_image_tokens"] = np.asarray(po.num_img_tokens, np.int64)
     return nt
