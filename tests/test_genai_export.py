@@ -179,6 +179,29 @@ def test_quantized_gqa_package_equals_its_bundle(tmp_path_factory, images):
     assert got == rt.generate(ONE, [Image.open(images[0])], max_new_tokens=10, stop_ids=()).token_ids
 
 
+def test_cuda_target_package_runs_with_fp16_activations(tiny_checkpoint, tiny_package, tmp_path, images):
+    """--target cuda (fp16 activations, int4, fp16 vision): on onnxruntime-genai's CPU provider (providers
+    cleared) the fp16 graphs run; image features match the fp32 package's to fp16 accuracy, and the first
+    greedy token is the fp32 package's."""
+    import onnxruntime as ort
+
+    pkg = export_genai(tiny_checkpoint, tmp_path / "cuda", "int4", target="cuda")
+    cfg = json.loads((pkg / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    proc = Phi3VProcessor.from_pretrained(pkg)
+    po = proc(ONE, [Image.open(images[0])])
+    run = lambda d, px: ort.InferenceSession(str(d / "vision.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": px, "image_sizes": po.image_sizes})[0]
+    f16, f32 = run(pkg, po.pixel_values.astype(np.float16)), run(tiny_package, po.pixel_values)
+    assert f16.dtype == np.float16
+    np.testing.assert_allclose(f16.astype(np.float32), f32, rtol=0, atol=2e-2 * np.abs(f32).max())
+    config = og.Config(str(pkg))
+    config.clear_providers()
+    got = greedy(og, og.Model(config), named_tensors(og, po, np.float16), po.input_ids.shape[1], 3)
+    want = greedy(og, og.Model(str(tiny_package)), named_tensors(og, po), po.input_ids.shape[1], 3)
+    assert len(got) == 3 and got[0] == want[0]
+
+
 # ---- LongRoPE past original_max_position_embeddings ---------------------------------------------------------
 def test_longrope_crossing_what_genai_does_and_the_exact_recipe(tmp_path_factory):
     """onnxruntime-genai cannot recompute the cache when a generation crosses original_max_position_embeddings
