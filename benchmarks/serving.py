@@ -87,6 +87,8 @@ def one_request(client, url: str, body: dict) -> dict:
     return {"ttft": first - t0, "e2e": end - t0, "engine_ttft": t["ttft"], "before_submit": t["server_before_submit"],
             "token_to_loop": t.get("server_token_to_loop", 0.0),
             "first_text_after_token": t.get("first_text_after_token", 0.0), "tokens": usage["completion_tokens"],
+            # perf_counter is CLOCK_MONOTONIC on Linux: the server's readings compare with this process's
+            "to_server": t["server_clock_arrival"] - t0, "to_client": first - t.get("server_clock_first_text", first),
             "prompt_tokens": usage["prompt_tokens"]}
 
 
@@ -150,7 +152,9 @@ def summarize(rows: list[dict], wall: float, clients: int) -> dict:
             "overhead_p50_ms": 1e3 * pct(over, 50), "overhead_p99_ms": 1e3 * pct(over, 99),
             "overhead_min_ms": 1e3 * min(over),
             "before_submit_p50_ms": 1e3 * pct([r["before_submit"] for r in rows], 50),
-            "token_to_loop_p50_ms": 1e3 * pct([r["token_to_loop"] for r in rows], 50)}
+            "token_to_loop_p50_ms": 1e3 * pct([r["token_to_loop"] for r in rows], 50),
+            "to_server_p50_ms": 1e3 * pct([r["to_server"] for r in rows], 50),
+            "to_client_p50_ms": 1e3 * pct([r["to_client"] for r in rows], 50)}
 
 
 def git_commit() -> str:
@@ -177,15 +181,15 @@ def write_markdown(path: Path, rec: dict) -> None:
              f"{rec['health_rtt']['p99_ms']:.2f} ms", "",
              "| clients | requests | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | E2E p99 ms "
              "| engine TTFT p50 ms | first text after first token p50 ms | server overhead p50 ms | overhead p99 ms | of which before submit p50 ms "
-             "| token to event loop p50 ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| token to event loop p50 ms | request to server p50 ms | first chunk to client p50 ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rec["levels"]:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['e2e_p50_ms']:.1f} | "
                      f"{r['e2e_p99_ms']:.1f} | {r['engine_ttft_p50_ms']:.1f} | "
                      f"{r['first_text_after_token_p50_ms']:.1f} | {r['overhead_p50_ms']:.2f} | "
                      f"{r['overhead_p99_ms']:.2f} | {r['before_submit_p50_ms']:.2f} | "
-                     f"{r['token_to_loop_p50_ms']:.2f} |")
+                     f"{r['token_to_loop_p50_ms']:.2f} | {r['to_server_p50_ms']:.2f} | {r['to_client_p50_ms']:.2f} |")
     lines += ["", "TTFT: request sent -> first content chunk at the client. E2E: -> `data: [DONE]`. Engine TTFT: "
               "the engine's own submit -> first token (image decoding, HD transform, vision encoder, queue, "
               "prefill) for the same requests; a first token with no text of its own (part of a multi-byte "
@@ -194,7 +198,10 @@ def write_markdown(path: Path, rec: dict) -> None:
               "JSON, base64, thread hand-offs, SSE framing, the client's parsing); of it, 'before submit' is "
               "the server's time from the request's start to Engine.submit (body, JSON, images, waiting for a "
               "free worker thread) and 'token to event loop' the hand-off of the first token from the engine's "
-              "thread to the server's event loop (both measured inside the server)."]
+              "thread to the server's event loop (both measured inside the server); 'request to server' is the "
+              "client's send -> the app has the request (connection, HTTP parsing, routing) and 'first chunk to "
+              "client' the first text chunk's send -> the client has parsed it (CLOCK_MONOTONIC in both "
+              "processes)."]
     path.write_text("\n".join(lines) + "\n")
 
 

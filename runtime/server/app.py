@@ -242,7 +242,9 @@ def _timings(results, handle, arrival: float, clock: _Clock) -> list[dict]:
     server_before_submit (request start -> Engine.submit called: body, JSON, images, a free worker thread),
     server_token_to_loop (the engine's first token -> the event loop has it) and, on a stream,
     first_text_after_token (the first token -> the first delta with text: tokens without text of their own, such
-    as part of a multi-byte character, wait for the next ones; the engine's streaming, not the server's cost)."""
+    as part of a multi-byte character, wait for the next ones; the engine's streaming, not the server's cost);
+    server_clock_* are raw time.perf_counter() readings (the request's start, the first text chunk sent), which a
+    client on the same Linux machine can set against its own (both read CLOCK_MONOTONIC)."""
     out = []
     for r in results:
         t = dict(r.timings)
@@ -251,6 +253,8 @@ def _timings(results, handle, arrival: float, clock: _Clock) -> list[dict]:
             t["server_token_to_loop"] = clock.first - (handle.created + t["ttft"])
             if clock.first_text is not None:
                 t["first_text_after_token"] = clock.first_text - clock.first
+                t["server_clock_first_text"] = clock.first_text
+        t["server_clock_arrival"] = arrival  # time.perf_counter(): CLOCK_MONOTONIC, comparable across processes
         out.append(t)
     return out
 
