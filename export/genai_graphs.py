@@ -54,7 +54,8 @@ from .decoder_graph import DecoderOptions, _embedding, decoder_layers, final_log
 from .graph_builder import GraphBuilder, onnx_dtype
 from .vision_graph import build_vision
 
-VISION_FILE, EMBEDDING_FILE, TEXT_FILE = "vision.onnx", "embedding.onnx", "text.onnx"
+VISION_FILE = fmt.VISION_FILE  # build_vision writes it (and vision.onnx.data, named inside the graph)
+EMBEDDING_FILE, TEXT_FILE = "embedding.onnx", "text.onnx"
 # graph I/O names (genai_config.json repeats them)
 PIXEL_VALUES, IMAGE_SIZES, IMAGE_FEATURES = "pixel_values", "image_sizes", "image_features"
 INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK, LOGITS = "input_ids", "inputs_embeds", "attention_mask", "logits"
@@ -171,8 +172,6 @@ def build_genai_vision(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precisi
     del g.input[:]
     g.input.extend(pb.inputs)
     g.name = "phi3v_genai_vision"
-    if VISION_FILE != fmt.VISION_FILE:
-        raise AssertionError("vision file names differ")  # the .data location inside the graph is fmt's
     path.write_bytes(model.SerializeToString())
     section = dict(section, file=VISION_FILE,
                    inputs={PIXEL_VALUES: [None, None, 3, CROP, CROP], IMAGE_SIZES: [None, 2]})
