@@ -257,6 +257,23 @@ def final_logits(gb: GraphBuilder, reader, cfg: Phi3VConfig, o: DecoderOptions, 
                      precision=o.lm_head_precision, block_size=o.block_size, symmetric=o.symmetric)
 
 
+def rotary_attention(gb: GraphBuilder, cfg: Phi3VConfig, i: int, qkv: str, pos: str, cos: str, sin: str,
+                     past: tuple[str, str], seqlens: str, total: str, present: tuple[str, str]) -> str:
+    """Layer i's attention from its packed qkv: Split, RotaryEmbedding of q and k at `pos` (rows of the stacked
+    [short; long] LongRoPE tables), GroupQueryAttention without its own rotary over the shared past/present
+    buffers. Rotary outside GQA lets each batch row pick its own factor set and position (module docstring).
+    Shared by decoder.onnx and the onnxruntime-genai text graph."""
+    pre = f"layers.{i}"
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    split = gb.const([cfg.q_size, cfg.kv_size, cfg.kv_size], np.int64)
+    q, k, v = gb.node("Split", [qkv, split], outputs=3, name=f"{pre}/attn/Split_qkv", axis=-1)
+    q = gb.ms("RotaryEmbedding", [q, pos, cos, sin], name=f"{pre}/attn/rotary_q", interleaved=0, num_heads=H)
+    k = gb.ms("RotaryEmbedding", [k, pos, cos, sin], name=f"{pre}/attn/rotary_k", interleaved=0, num_heads=KV)
+    return gb.ms("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens, total],
+                 outputs=[f"{pre}/attn", *present], name=f"{pre}/GroupQueryAttention",
+                 num_heads=H, kv_num_heads=KV, do_rotary=0)[0]
+
+
 def build_decoder(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: str, io_dtype: str | None = None,
                   block_size: int = 32, symmetric: bool = True, lm_head_precision: str | None = None,
                   embedding_precision: str | None = None, all_logits: bool = False, accuracy_level: int = 0,
@@ -285,19 +302,9 @@ def build_decoder(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: s
         total = gb.input(fmt.TOTAL_SEQ_LEN, TensorProto.INT32, [])
         cos = gb.input(fmt.COS_CACHE, ft, [ROPE_ROWS_DIM, hd // 2])
         sin = gb.input(fmt.SIN_CACHE, ft, [ROPE_ROWS_DIM, hd // 2])
-        split = gb.const([cfg.q_size, cfg.kv_size, cfg.kv_size], np.int64)
 
         def attention(gb: GraphBuilder, i: int, qkv: str) -> str:
-            # rotary outside GroupQueryAttention: each row's position_ids pick its rows of the stacked
-            # [short; long] tables, so rows under different LongRoPE factors share one batched step
-            pre = f"layers.{i}"
-            q, k, v = gb.node("Split", [qkv, split], outputs=3, name=f"{pre}/attn/Split_qkv", axis=-1)
-            q = gb.ms("RotaryEmbedding", [q, pos, cos, sin], name=f"{pre}/attn/rotary_q", interleaved=0, num_heads=H)
-            k = gb.ms("RotaryEmbedding", [k, pos, cos, sin], name=f"{pre}/attn/rotary_k", interleaved=0, num_heads=KV)
-            pk, pv = pasts[i]
-            return gb.ms("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total],
-                         outputs=[f"{pre}/attn", *fmt.present_names(i)], name=f"{pre}/GroupQueryAttention",
-                         num_heads=H, kv_num_heads=KV, do_rotary=0)[0]
+            return rotary_attention(gb, cfg, i, qkv, pos, cos, sin, pasts[i], seqlens, total, fmt.present_names(i))
 
         x = _embedding(gb, reader, cfg, o, ids, feats_in)
         y, r = decoder_layers(gb, reader, cfg, o, x, attention, progress)

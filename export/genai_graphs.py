@@ -50,7 +50,7 @@ from phi3v_edge.runtime.model_facts import MERGED_GRID as GRID
 from phi3v_edge.runtime.model_facts import TOKENS_PER_CROP
 from phi3v_edge.runtime.rope import stacked_tables
 
-from .decoder_graph import DecoderOptions, _embedding, decoder_layers, final_logits
+from .decoder_graph import DecoderOptions, _embedding, decoder_layers, final_logits, rotary_attention
 from .graph_builder import GraphBuilder, onnx_dtype
 from .vision_graph import build_vision
 
@@ -220,7 +220,7 @@ def build_genai_embedding(reader, cfg: Phi3VConfig, out_dir: str | Path, o: Deco
 def build_genai_text(reader, cfg: Phi3VConfig, out_dir: str | Path, o: DecoderOptions, max_length: int,
                      progress: Callable[[int, int], None] | None = None) -> dict:
     """text.onnx: inputs_embeds, attention_mask, past -> logits (last position), present."""
-    H, KV, hd, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    KV, hd, h = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     gb = GraphBuilder(Path(out_dir) / TEXT_FILE, name="phi3v_genai_text", io_dtype=o.io_dtype,
                       accuracy_level=o.accuracy_level)
     ft = gb.float_type
@@ -248,17 +248,10 @@ def build_genai_text(reader, cfg: Phi3VConfig, out_dir: str | Path, o: DecoderOp
             long = gb.node("Greater", [width, scalar(gb, cfg.original_max_position_embeddings, "text")], name="rope/long")
             offset = gb.node("Where", [long, scalar(gb, max_length, "text"), scalar(gb, 0, "text")], name="rope/offset")
             pos = gb.node("Add", [pos, offset], name="rope/rows")
-        split = gb.const([cfg.q_size, cfg.kv_size, cfg.kv_size], i64)
 
         def attention(gb: GraphBuilder, i: int, qkv: str) -> str:
-            pre = f"layers.{i}"
-            q, k, v = gb.node("Split", [qkv, split], outputs=3, name=f"{pre}/attn/Split_qkv", axis=-1)
-            q = gb.ms("RotaryEmbedding", [q, pos, cos, sin], name=f"{pre}/attn/rotary_q", interleaved=0, num_heads=H)
-            k = gb.ms("RotaryEmbedding", [k, pos, cos, sin], name=f"{pre}/attn/rotary_k", interleaved=0, num_heads=KV)
-            pk, pv = pasts[i]
-            return gb.ms("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total],
-                         outputs=[f"{pre}/attn", PRESENT_KEY % i, PRESENT_VALUE % i], name=f"{pre}/GroupQueryAttention",
-                         num_heads=H, kv_num_heads=KV, do_rotary=0)[0]
+            return rotary_attention(gb, cfg, i, qkv, pos, cos, sin, pasts[i], seqlens, total,
+                                    (PRESENT_KEY % i, PRESENT_VALUE % i))
 
         y, r = decoder_layers(gb, reader, cfg, o, x, attention, progress)
         logits = final_logits(gb, reader, cfg, o, y, r, last_only=True)
