@@ -180,7 +180,8 @@ def write_markdown(path: Path, rec: dict) -> None:
              f"{rec['health_rtt']['p50_ms']:.2f} ms, min {rec['health_rtt']['min_ms']:.2f} ms, p99 "
              f"{rec['health_rtt']['p99_ms']:.2f} ms", "",
              "| clients | requests | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | E2E p99 ms "
-             "| engine TTFT p50 ms | first text after first token p50 ms | server overhead p50 ms | overhead p99 ms | of which before submit p50 ms "
+             "| engine TTFT p50 ms | first text after first token p50 ms | server overhead p50 ms | overhead p99 ms "
+             "| of which before submit p50 ms "
              "| token to event loop p50 ms | request to server p50 ms | first chunk to client p50 ms |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rec["levels"]:
@@ -259,10 +260,12 @@ def main(argv=None) -> int:
         log_path.unlink()
     rec = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(),
            "cpus": os.cpu_count(), "provider": a.provider, "commit": git_commit(), "bundle_name": bundle.name,
-           "command": "python -m phi3v_edge.benchmarks.serving " + shlex.join(argv if argv is not None else sys.argv[1:]),
+           "command": "python -m phi3v_edge.benchmarks.serving "
+                      + shlex.join(argv if argv is not None else sys.argv[1:]),
            "server_args": server_args, "max_tokens": a.max_tokens, "ignore_eos": not a.no_ignore_eos,
            "distinct_prompts": len(bodies), "text_only": a.text_only, "loadavg_before": load_before,
-           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "note": a.note, "health_rtt": floor, "levels": levels}
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "note": a.note, "health_rtt": floor,
+           "levels": levels}
     print(json.dumps(rec, indent=1))
     if a.out:
         out = Path(a.out)

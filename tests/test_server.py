@@ -457,27 +457,42 @@ def test_full_queue_answers_503_with_retry_after(url_server):
 
 
 # ---- load -----------------------------------------------------------------------------------------------
+COUNTERS = ("phi3v_edge_prompt_tokens_total", "phi3v_edge_generation_tokens_total",
+            "phi3v_edge_time_to_first_token_seconds_count", "phi3v_edge_e2e_request_latency_seconds_count",
+            "phi3v_edge_engine_time_to_first_token_seconds_count")
+
+
 def test_load_64_requests_8_clients(server, examples, reference):
+    """8 clients, 64 requests (half streamed): every greedy answer equals the sequential one, nothing lost, the
+    metrics count them all, and the server is healthy and idle after."""
     c = server.client()
-    before = server.metric("phi3v_edge_request_success_total", '{finish_reason="stop"}') + server.metric(
-        "phi3v_edge_request_success_total", '{finish_reason="length"}')
+
+    def finished() -> float:
+        return sum(server.metric("phi3v_edge_request_success_total", f'{{finish_reason="{r}"}}')
+                   for r in ("stop", "length"))
+
+    before, counts = finished(), {name: server.metric(name) for name in COUNTERS}
 
     def one(i: int):
         q = examples[i % len(examples)]
         kw = dict(model=MODEL, messages=example_messages(q), max_tokens=MAX_TOKENS, temperature=0)
         if i % 2:
-            chunks = list(c.chat.completions.create(**kw, stream=True))
-            return i, "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-        return i, c.chat.completions.create(**kw).choices[0].message.content
+            chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+            return i, "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), chunks[-1].usage
+        r = c.chat.completions.create(**kw)
+        return i, r.choices[0].message.content, r.usage
 
     with ThreadPoolExecutor(8) as pool:
-        answers = dict(pool.map(one, range(64)))
+        out = list(pool.map(one, range(64)))
+    answers = {i: a for i, a, _ in out}
     assert len(answers) == 64
     wrong = {i: a for i, a in answers.items() if a != reference[i % len(examples)]["text"]}
     assert not wrong
-    after = server.metric("phi3v_edge_request_success_total", '{finish_reason="stop"}') + server.metric(
-        "phi3v_edge_request_success_total", '{finish_reason="length"}')
-    assert after - before == 64
+    assert finished() - before == 64
+    grew = {name: server.metric(name) - counts[name] for name in COUNTERS}
+    assert grew["phi3v_edge_prompt_tokens_total"] == sum(u.prompt_tokens for _, _, u in out)
+    assert grew["phi3v_edge_generation_tokens_total"] == sum(u.completion_tokens for _, _, u in out)
+    assert all(grew[name] == 64 for name in COUNTERS[2:])
     server.wait_idle()
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ready"
     assert_serving(server)

@@ -16,9 +16,9 @@ max_tokens / max_completion_tokens, temperature (0 = greedy; OpenAI's default 1.
 (a string or up to 4), n, logprobs / top_logprobs (<= 5), stream / stream_options.include_usage, and the
 extras top_k, repetition_penalty, num_crops, ignore_eos (as in vLLM: the model's stop tokens do not end
 the reply) and timings (the engine's own seconds per row, in a "timings" field: completion body, or a chunk with
-no choices before the usage chunk). frequency_penalty / presence_penalty other than 0, logit_bias, tools, function calling and
-non-text response formats are rejected with a 400 that names the field. Other unknown fields are ignored
-(clients send `user`, `metadata`, ...).
+no choices before the usage chunk). frequency_penalty / presence_penalty other than 0, logit_bias, tools,
+function calling and non-text response formats are rejected with a 400 that names the field. Other unknown
+fields are ignored (clients send `user`, `metadata`, ...).
 """
 from __future__ import annotations
 
