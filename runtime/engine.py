@@ -108,16 +108,18 @@ class Engine:
         self._thread.start()
 
     # ---- submitting (any thread) ---------------------------------------------------------------------
-    def submit(self, prompt: str, images=None, *, max_new_tokens: int = 256, do_sample: bool = False,
+    def submit(self, prompt: str, images=None, *, max_new_tokens: int | None = 256, do_sample: bool = False,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                seed: int | None = None, stop=None, stop_ids=None, num_crops: int | None = None,
                logprobs: int | None = None, n: int = 1, reuse_prefix: bool = True) -> RequestHandle:
-        """Validate and prepare a request in this thread, queue it, and return its handle. Raises InputError for
+        """Validate and prepare a request in this thread, queue it, and return its handle (max_new_tokens None:
+        as many as fit in max_length after the prompt). Raises InputError for
         a bad request, EngineBusy when the waiting queue is full, EngineClosed after shutdown."""
         t0 = time.perf_counter()
         self._check_open()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(
+                max_new_tokens, (int, np.integer)) or max_new_tokens < 1):
+            raise InputError(f"max_new_tokens must be an integer >= 1 or None (as many as fit), got {max_new_tokens!r}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.max_batch:
             raise InputError(f"n must be an integer from 1 to max_batch ({self.max_batch}), got {n!r}")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer))
@@ -127,6 +129,8 @@ class Engine:
         stop_strings, extra_ids = parse_stop(stop)
         stops = stop_id_set(self.default_stop_ids, stop_ids, extra_ids)
         prep = self.prepare(prompt, images, num_crops)
+        if max_new_tokens is None:  # as many as fit after the prompt
+            max_new_tokens = max(1, self.max_length - int(prep.ids.size))
         total = prep.ids.size + int(max_new_tokens)
         if total > self.max_length:
             raise InputError(f"the prompt is {prep.ids.size} tokens and max_new_tokens is {max_new_tokens}: "

@@ -32,8 +32,9 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
-            raise InputError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            raise InputError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
         return self
 
     @property

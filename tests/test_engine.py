@@ -156,6 +156,8 @@ def test_bad_input_fails_only_its_own_request(engine, images):
         engine.submit(text(10), max_new_tokens=4, n=9)
     with pytest.raises(InputError, match="logprobs"):
         engine.submit(text(10), max_new_tokens=4, logprobs=6)
+    with pytest.raises(InputError, match="seed must be an integer >= 0"):
+        engine.submit(text(10), max_new_tokens=4, do_sample=True, seed=-1)
     assert running.result(timeout=60).token_ids == want
     assert solo(engine, good).token_ids == want
 
@@ -193,6 +195,16 @@ def test_n_rows_share_one_prefill(engine):
     assert len({tuple(t) for t in toks}) > 1  # each row has its own random stream (seed + row)
     again = engine.submit(p, max_new_tokens=12, stop_ids=(), n=3, do_sample=True, temperature=1.5, seed=3)
     assert [r.token_ids for r in again.results(timeout=60)] == toks
+
+
+def test_max_new_tokens_none_fills_max_length(bundle):
+    eng = Engine(bundle, provider="cpu", max_batch=1, max_length=64)
+    try:
+        n = eng.count_tokens(text(10))
+        r = eng.submit(text(10), max_new_tokens=None, stop_ids=()).result(timeout=60)
+        assert len(r.token_ids) == 64 - n and r.finish_reason == "length"
+    finally:
+        eng.shutdown(drain_timeout=5)
 
 
 def test_asyncio_consumer(engine):
