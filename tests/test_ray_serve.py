@@ -19,6 +19,10 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -139,24 +143,28 @@ def bundle():
 @pytest.fixture(scope="module")
 def cluster(bundle, tmp_path_factory):
     """A private Ray node + Serve on 127.0.0.1 with 2 replicas; yields (url, head). Stops everything after."""
+    t0 = time.monotonic()
     head = ray_cli.LocalRayHead(num_cpus=4, log_path=tmp_path_factory.mktemp("ray") / "head.log",
                                 object_store_memory=256 * 1024 * 1024).start(timeout=240)
+    t_head = time.monotonic() - t0
     try:
         import ray
-        from phi3v_edge.runtime.server.ray_app import AppArgs, build_deployment
+        from phi3v_edge.runtime.server.ray_app import build
         from ray import serve
 
         ray.init(address=head.address, include_dashboard=False, log_to_driver=False)
         port = ray_cli.free_ports(1)[0]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = AppArgs.from_dict({"bundle": str(bundle), "replicas": 2, "provider": "cpu", "max_batch": MAX_BATCH,
-                                  "max_length": MAX_LENGTH, "served_model_name": MODEL, "cpus_per_replica": 1})
-        serve.run(build_deployment(args), name=ray_cli.APP_NAME, route_prefix="/")
+        # the application builder as `serve run ...ray_app:build key=value` calls it: every value a string
+        app = build({"bundle": str(bundle), "replicas": "2", "provider": "cpu", "max_batch": str(MAX_BATCH),
+                     "max_length": str(MAX_LENGTH), "served_model_name": MODEL, "cpus_per_replica": "1"})
+        serve.run(app, name=ray_cli.APP_NAME, route_prefix="/")
+        print(f"ray head up in {t_head:.1f} s; 2 replicas serving {time.monotonic() - t0:.1f} s after the start")
         yield f"http://127.0.0.1:{port}", head
     finally:
         t0 = time.monotonic()
         try:
-            if "ray" in __import__("sys").modules:
+            if "ray" in sys.modules:
                 import ray
                 from ray import serve
 
@@ -284,6 +292,7 @@ def test_killed_replica_fails_cleanly_and_is_replaced(cluster, examples_and_refe
         assert (text, finish) == ref[0] and replica != victim
         results = [f.result(timeout=400) for f in futs]
     failed = [r for r in results if not r["ok"]]
+    print("long requests after the kill:", [{k: v for k, v in r.items() if k != "body"} for r in results])
     assert failed, results  # the victim had at least the stream that named it
     for r in failed:  # clean errors, in OpenAI's shape: 503 before the answer started, an error event after
         assert r["body"]["code"] == "replica_failed" and r["body"]["type"] == "server_error", r
@@ -306,3 +315,71 @@ def test_killed_replica_fails_cleanly_and_is_replaced(cluster, examples_and_refe
     assert seen - {victim, replica}, f"no replacement replica served within 300 s (seen {seen})"
     assert victim not in seen
     print(f"replica {victim} killed; replacement serving {time.monotonic() - t_kill:.0f} s later")
+
+
+def test_runtime_and_serve_cli_import_no_ray():
+    code = ("import sys; import phi3v_edge.runtime; from phi3v_edge.runtime.server.cli import build_parser; "
+            "build_parser(); import phi3v_edge.runtime.server.ray_proxy; assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_cli_serve_ray_answers_and_stops_cleanly(bundle, examples_and_reference, tmp_path):
+    """`phi3v-edge serve BUNDLE --ray` (its own private Ray): answers like the runtime; SIGTERM exits 0 and
+    leaves no Ray process and no temp dir behind."""
+    qs, ref = examples_and_reference
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PHI3V_EDGE_API_KEY"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "phi3v_edge.runtime.cli", "serve", str(bundle), "--ray",
+                             "--replicas", "1", "--port", "0", "--provider", "cpu", "--max-length", "1024",
+                             "--served-model-name", MODEL, "--ray-num-cpus", "2"],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # blocks until the endpoint is up (or the command failed)
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+) .*private Ray in (\S+)\)", line)
+        assert m, f"{line!r}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+        url, temp_dir = m.groups()
+        group = _head_group(proc.pid)  # the private Ray's process group (led by ray_cli's reaper)
+        text, finish, replica = ask(url, qs[0], stream=True)
+        assert (text, finish) == ref[0] and replica
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        log.close()
+    assert not os.path.exists(temp_dir)
+    left = _group_members(group)
+    assert left == [], f"processes of the private Ray still running: {left}"
+
+
+def _group_members(group: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if os.getpgid(int(p)) == group:
+                    out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def _head_group(cli_pid: int) -> int:
+    """The process group of the CLI's private Ray: its child started with ray_cli.REAP_FLAG leads it."""
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == cli_pid and ray_cli.REAP_FLAG.encode() in cmdline:
+            assert os.getpgid(int(p)) == int(p)
+            return int(p)
+    raise AssertionError("the CLI's private Ray process group was not found")

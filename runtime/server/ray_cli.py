@@ -34,6 +34,7 @@ REPLICA_HEADER = "x-phi3v-replica"  # every answer through Ray names the replica
 # env for a loopback-only Ray node: Ray resolves 127.0.0.1 to the machine's routable address unless this is 0
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 # Ray's hook for middlewares in its HTTP proxy: clean errors when a replica dies mid-request (ray_proxy.py)
+REAP_FLAG = "--reap-process-group"
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "phi3v_edge.runtime.server.ray_proxy:middlewares"}
 
 
@@ -108,6 +109,32 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGTERM when `parent` dies, however it dies (and exits now if it already has)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        sys.exit(1)
+
+
+def _reap(parent: int, cmd: list[str]) -> int:
+    """The head's process-group leader: runs `ray start ...` in its group and, on SIGTERM (from stop(), or from
+    the kernel when the process that started it died) or when `ray start` exits, SIGKILLs the whole group, so
+    no GCS, raylet, agent or worker outlives it (Ray's agents do not all follow a killed raylet)."""
+    def kill_group(*_):
+        os.killpg(0, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, kill_group)
+    signal.signal(signal.SIGINT, kill_group)
+    _die_with_parent(parent)
+    code = subprocess.call(cmd)
+    kill_group()
+    return code
+
+
 def _refresh_imported_ray() -> None:
     """When this process imported Ray before start(): make it see the env just set (Ray caches both at import:
     its C++ config holds RAY_AUTH_MODE, ray_constants the loopback switch). Private Ray names, hence guarded."""
@@ -170,7 +197,8 @@ class LocalRayHead:
         if self.log_path is None:
             self.log_path = Path(self.temp_dir, "head.log")
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([sys.executable, "-m", __name__, REAP_FLAG, str(os.getpid()), *cmd],
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **self.env}, start_new_session=True)
         self.address = f"127.0.0.1:{gcs}"
         deadline = time.monotonic() + timeout
@@ -215,7 +243,8 @@ class LocalRayHead:
         return out
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the process group, SIGKILL whatever is left after `grace` s, remove the temp dir."""
+        """SIGTERM the process group (its leader then SIGKILLs it), SIGKILL whatever is left after `grace` s,
+        remove the temp dir."""
         if self.proc is not None:
             for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
                 try:
@@ -304,8 +333,6 @@ def serve_on_ray(a) -> int:
         print(f"warning: listening on {a.host} without an API key (--api-key)", file=sys.stderr)
     head = None
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         if a.address is None:
             head = LocalRayHead(num_cpus=a.ray_num_cpus or os.cpu_count() or 1).start()
@@ -320,8 +347,11 @@ def serve_on_ray(a) -> int:
         port = a.port or free_ports(1, a.host if a.host != "localhost" else "127.0.0.1")[0]
         serve.start(http_options={"host": a.host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
         shown = f"[{a.host}]" if ":" in a.host else a.host
         scale = f"autoscale {a.autoscale}" if a.autoscale else f"{args.replicas} replica(s)"
+        scale += f", private Ray in {head.temp_dir}" if head else f", Ray cluster {a.address}"
         print(f"phi3v-edge serve: listening on http://{shown}:{port} (Ray Serve, {scale})", flush=True)
         while not stop.wait(1.0):
             pass
@@ -351,3 +381,7 @@ def _teardown(head) -> None:
             ray.shutdown()
     if head is not None:
         head.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == [REAP_FLAG]:
+    sys.exit(_reap(int(sys.argv[2]), sys.argv[3:]))
