@@ -84,6 +84,27 @@ def test_app_args_from_strings():
         AppArgs.from_dict({"replicas": 2})
 
 
+@needs_ray
+def test_readme_serve_config_is_valid():
+    """The README's Serve config file passes Ray's own schema and our argument checks."""
+    from pathlib import Path
+
+    import yaml
+    from phi3v_edge.runtime.server.ray_app import AppArgs, build
+    from ray.serve.schema import ServeDeploySchema
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(# serve.yaml.*?)```", readme, re.DOTALL)
+    assert block, "the README has no serve.yaml example"
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load(block.group(1)))
+    (app,) = cfg.applications
+    assert app.import_path == "phi3v_edge.runtime.server.ray_app:build"
+    args = AppArgs.from_dict(app.args)
+    assert args.scale().autoscale == (2, 8) and args.gpus_per_replica == 1
+    with pytest.raises(RayServeError, match="no such directory"):  # the builder checks the bundle path
+        build(app.args)
+
+
 def test_cli_rejects_ray_options_without_ray(tmp_path, capsys):
     from phi3v_edge.runtime.server.cli import main
 
@@ -330,7 +351,7 @@ def test_cli_serve_ray_answers_and_stops_cleanly(bundle, examples_and_reference,
     leaves no Ray process and no temp dir behind."""
     qs, ref = examples_and_reference
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PHI3V_EDGE_API_KEY"}
-    log = open(tmp_path / "serve.log", "w")
+    log = (tmp_path / "serve.log").open("w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([sys.executable, "-m", "phi3v_edge.runtime.cli", "serve", str(bundle), "--ray",
                              "--replicas", "1", "--port", "0", "--provider", "cpu", "--max-length", "1024",
                              "--served-model-name", MODEL, "--ray-num-cpus", "2"],
