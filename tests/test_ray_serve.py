@@ -114,6 +114,21 @@ def test_cli_rejects_ray_options_without_ray(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
+@needs_ray
+def test_cli_bad_ray_options_fail_before_ray_starts(bundle, capsys):
+    from phi3v_edge.runtime.server.cli import main
+
+    free = ray_cli.free_ports(1)[0]  # nothing listens there
+    for args, message in ((["--replicas", "0"], "--replicas must be >= 1"),
+                          (["--autoscale", "3:1"], "need 0 <= MIN <= MAX"),
+                          (["--max-ongoing-requests", "0"], "max_ongoing_requests must be >= 1"),
+                          (["--address", f"127.0.0.1:{free}"], f"no Ray cluster answers at 127.0.0.1:{free}"),
+                          (["--address", "nonsense"], "HOST:PORT")):
+        t0 = time.monotonic()
+        assert main([str(bundle), "--ray", *args]) == 2
+        assert message in capsys.readouterr().err and time.monotonic() - t0 < 30
+
+
 def _run_asgi(app, path: str) -> list[dict]:
     sent = []
 
@@ -351,7 +366,7 @@ def test_cli_serve_ray_answers_and_stops_cleanly(bundle, examples_and_reference,
     leaves no Ray process and no temp dir behind."""
     qs, ref = examples_and_reference
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PHI3V_EDGE_API_KEY"}
-    log = (tmp_path / "serve.log").open("w")  # noqa: SIM115 - closed in the finally below
+    log = (tmp_path / "serve.log").open("w")  # closed in the finally below
     proc = subprocess.Popen([sys.executable, "-m", "phi3v_edge.runtime.cli", "serve", str(bundle), "--ray",
                              "--replicas", "1", "--port", "0", "--provider", "cpu", "--max-length", "1024",
                              "--served-model-name", MODEL, "--ray-num-cpus", "2"],

@@ -74,7 +74,7 @@ def deployment_options(scale: Scale, max_batch: int) -> dict:
         raise RayServeError(f"max_batch must be >= 1, got {max_batch}")
     if scale.gpus_per_replica < 0 or scale.cpus_per_replica < 0:
         raise RayServeError("--gpus-per-replica / cpus per replica must be >= 0")
-    ongoing = scale.max_ongoing_requests or max_batch
+    ongoing = max_batch if scale.max_ongoing_requests is None else scale.max_ongoing_requests
     if ongoing < 1:
         raise RayServeError(f"max_ongoing_requests must be >= 1, got {ongoing}")
     actor = {"num_cpus": scale.cpus_per_replica}
@@ -295,6 +295,20 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the private local Ray (default: this machine's); ignored with --address")
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A host:port --address answers TCP (Ray itself would retry for minutes before saying anything)."""
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayServeError(f"--address takes HOST:PORT of a Ray head (or 'auto'), got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayServeError(f"no Ray cluster answers at {address}: {e.strerror or e} (start one with "
+                            f"`ray start --head --port {port}`)") from None
+
+
 def check_ray_args(a) -> None:
     ray_only = [name for name, default in (("replicas", None), ("autoscale", None), ("gpus_per_replica", 0.0),
                                             ("cpus_per_replica", 1.0), ("max_ongoing_requests", None),
@@ -313,7 +327,7 @@ def check_ray_args(a) -> None:
 
 def app_args_dict(a) -> dict:
     """The namespace of `phi3v-edge serve` -> ray_app.AppArgs fields."""
-    return {"bundle": a.bundle, "replicas": a.replicas or 1, "autoscale": a.autoscale,
+    return {"bundle": a.bundle, "replicas": 1 if a.replicas is None else a.replicas, "autoscale": a.autoscale,
             "gpus_per_replica": a.gpus_per_replica, "cpus_per_replica": a.cpus_per_replica,
             "max_ongoing_requests": a.max_ongoing_requests, "provider": a.provider, "max_batch": a.max_batch,
             "max_length": a.max_length, "max_queue": a.max_queue, "threads": a.threads, "long_rope": a.long_rope,
@@ -331,6 +345,12 @@ def serve_on_ray(a) -> int:
     api_key = a.api_key if a.api_key is not None else os.environ.get("PHI3V_EDGE_API_KEY") or None
     if a.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {a.host} without an API key (--api-key)", file=sys.stderr)
+    auto = parse_autoscale(a.autoscale) if a.autoscale else None  # bad options fail before Ray starts
+    deployment_options(Scale(replicas=None if auto else (1 if a.replicas is None else a.replicas), autoscale=auto,
+                             gpus_per_replica=a.gpus_per_replica, cpus_per_replica=a.cpus_per_replica,
+                             max_ongoing_requests=a.max_ongoing_requests), a.max_batch)
+    if a.address is not None:
+        check_reachable(a.address)
     head = None
     stop = threading.Event()
     try:
