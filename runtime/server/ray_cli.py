@@ -320,8 +320,7 @@ def check_ray_args(a) -> None:
         return
     if a.replicas is not None and a.autoscale is not None:
         raise RayServeError("give --replicas N or --autoscale MIN:MAX, not both")
-    missing = [m for m in ("ray", "ray.serve") if importlib.util.find_spec(m.split(".")[0]) is None]
-    if missing:
+    if importlib.util.find_spec("ray") is None:
         raise RayServeError(f"--ray needs Ray Serve: {INSTALL_HINT}")
 
 
