@@ -147,7 +147,7 @@ def _sampling(args) -> dict:
 
 
 def _runtime(args):
-    from .engine import Phi3VRuntime
+    from .api import Phi3VRuntime
     from .session import resolve_provider
 
     provider = resolve_provider(args.provider)  # the one rule: auto -> cuda when usable, else cpu
