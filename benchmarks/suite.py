@@ -49,7 +49,8 @@ SESSION_CANDIDATES = {  # name -> session config entries ("so.X": a SessionOptio
     "noprepack": {"session.disable_prepacking": "1"},
     "opt-basic": {"so.graph_optimization_level": 1},
 }
-CPU_FULL = dict(runs=1, warmup=1, rounds=3, new_tokens=32, contexts={"short": 130}, crops=[1], max_length=384)
+# warmup 0: one short warm-up request per process instead of a full-length one per figure (prefill dominates)
+CPU_FULL = dict(runs=1, warmup=0, rounds=3, new_tokens=32, contexts={"short": 130}, crops=[1], max_length=384)
 
 
 def plan(device: str, tiny: bool = True, candidates: list[str] | None = None) -> list[dict]:
@@ -225,8 +226,8 @@ def markdown(res: dict) -> str:
              f"- versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}"]
     st = res["settings"]
     lines.append(f"- settings: contexts {st['contexts']} (prompt tokens, about), {st['new_tokens']} new tokens, "
-                 f"crops {st['crops']}, max_length {st['max_length']}, {st['runs']} run(s) after {st['warmup']} "
-                 f"warm-up per process, {st.get('rounds', 1)} interleaved round(s) (medians)")
+                 f"crops {st['crops']}, max_length {st['max_length']}, {st['runs']} run(s) after "
+                 f"{st['warmup'] or 'one short'} warm-up per process, {st.get('rounds', 1)} interleaved round(s) (medians)")
     if res.get("load_average"):
         la = res["load_average"]
         lines.append(f"- load average (1, 5, 15 min): before {la['before']}, after {la['after']}")
@@ -328,6 +329,8 @@ def main(argv=None) -> int:
                          f"options ({', '.join(SESSION_CANDIDATES)}) or threads=N")
     ap.add_argument("--runs", type=int, default=None, help="measured runs per figure and process (median; default "
                                                            "5, tiny 1, cpu 1)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="full-length warm-up runs per figure (default 1; cpu 0 = one short warm-up request)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved rounds: every system once per round, medians over rounds (default 1, cpu 3)")
     ap.add_argument("--crops", default=None,
@@ -358,13 +361,13 @@ def main(argv=None) -> int:
     packages = prepare_genai(work, ckpt, device, genai_keys, log) if genai_keys else {}
     if cpu_full:
         base = dict(CPU_FULL, device=device, checkpoint=str(ckpt), workdir=str(work))
-        for k, v in (("runs", a.runs), ("rounds", a.rounds), ("new_tokens", a.new_tokens)):
+        for k, v in (("runs", a.runs), ("rounds", a.rounds), ("new_tokens", a.new_tokens), ("warmup", a.warmup)):
             if v:
                 base[k] = v
     else:
         new_tokens = a.new_tokens or (8 if a.tiny else 128)
         base = dict(device=device, checkpoint=str(ckpt), workdir=str(work), runs=a.runs or (1 if a.tiny else 5),
-                    warmup=1, new_tokens=new_tokens, crops=[4, 16], rounds=a.rounds or 1,
+                    warmup=1 if a.warmup is None else a.warmup, new_tokens=new_tokens, crops=[4, 16], rounds=a.rounds or 1,
                     contexts={"1k": 96, "4k": 240} if a.tiny else {"1k": 1024, "4k": 4096 - new_tokens},
                     max_length=2048 if a.tiny else 4096)
     base["build_min_avail_gb"] = a.genai_build_min_gb if a.genai_build_min_gb is not None else (22 if cpu_full else 0)
