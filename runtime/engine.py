@@ -200,6 +200,11 @@ class Engine:
     def __exit__(self, *exc):
         self.shutdown(drain_timeout=0.0)
 
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs and the engine takes requests (a health check reads this)."""
+        return not self._closing and self._thread.is_alive()
+
     def _check_open(self) -> None:
         if self._closing or not self._thread.is_alive():
             raise EngineClosed("the engine is shut down and takes no new requests")

@@ -165,7 +165,7 @@ class Phi3VReplica:
     def check_health(self) -> None:
         """Ray's periodic replica health check: a replica whose engine loop has stopped is replaced."""
         self.engine.stats()
-        if not self.engine._thread.is_alive():
+        if not self.engine.alive:
             raise RuntimeError("the engine's loop thread has stopped")
 
 
