@@ -233,8 +233,10 @@ def test_queue_full_and_shutdown(bundle):
             eng.submit(text(12), max_new_tokens=4)
         first.cancel()
         assert len(second.result(timeout=60).token_ids) == 4
+        assert eng.alive
     finally:
         eng.shutdown(drain_timeout=5)
+    assert not eng.alive
     with pytest.raises(EngineClosed):
         eng.submit(text(10), max_new_tokens=4)
 
