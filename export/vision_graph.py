@@ -89,7 +89,7 @@ def build_vision(reader, cfg: Phi3VConfig, out_dir: str | Path, *, precision: st
 
     out_dir = Path(out_dir)
     g = GraphBuilder(out_dir / VISION_FILE, name="phi3v_vision", io_dtype=compute, accuracy_level=accuracy_level)
-    io_type, f32 = onnx_dtype(io_dtype), torch.float32
+    io_type = onnx_dtype(io_dtype)
 
     def w(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.from_numpy(reader.numpy(name, shape))

@@ -98,7 +98,7 @@ class OrtDecoder:
         self.past, self.force_long = 0, force_long
 
     def step(self, ids: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        s, total = ids.shape[1], self.past + ids.shape[1]
+        total = self.past + ids.shape[1]
         if features is None:
             features = np.zeros((0, self.cfg.hidden_size), self.dt)
         b = self.s.io_binding()

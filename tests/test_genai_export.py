@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime_genai as og
 import pytest
 from PIL import Image
-
-og = pytest.importorskip("onnxruntime_genai")
 
 from phi3v_edge.export.bundle import ExportError
 from phi3v_edge.export.genai import export_genai

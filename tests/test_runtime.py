@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v_edge.runtime import BundleError, InputError, Phi3VRuntime, ProviderError, RequestCancelled
+from phi3v_edge.runtime import BundleError, InputError, Phi3VRuntime, ProviderError
 from phi3v_edge.runtime.chat_template import build_prompt
 from phi3v_edge.runtime.sampler import Sampler, SamplingParams
 

@@ -13,16 +13,15 @@ import math
 import sys
 from pathlib import Path
 
+import av  # PyAV (the [video] extra, in the test extra too) builds and reads the test clips
 import numpy as np
 import pytest
 from PIL import Image
 
-av = pytest.importorskip("av", reason="PyAV (the [video] extra) builds and reads the test clips")
-
-from phi3v_edge.runtime import Phi3VRuntime, frames as F, image_transform as T, video as V  # noqa: E402
-from phi3v_edge.runtime.chat_template import build_prompt  # noqa: E402
-from phi3v_edge.runtime.cli import main  # noqa: E402
-from phi3v_edge.runtime.processor import Phi3VProcessor  # noqa: E402
+from phi3v_edge.runtime import Phi3VRuntime, frames as F, image_transform as T, video as V
+from phi3v_edge.runtime.chat_template import build_prompt
+from phi3v_edge.runtime.cli import main
+from phi3v_edge.runtime.processor import Phi3VProcessor
 
 PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128),
            (255, 255, 255), (0, 0, 0), (255, 128, 0)]
@@ -442,7 +441,6 @@ def test_api_generate_and_stream_with_video(clips, rt, as_images):
 @pytest.fixture(scope="module")
 def client(tiny_bundle):
     """The server's ASGI app over an Engine on the tiny bundle, in process (no socket is opened)."""
-    pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
     from phi3v_edge.runtime.engine import Engine
