@@ -35,7 +35,8 @@ def model(kind):
                                 block_size=32, accuracy_level=acc)
     g = helper.make_graph([node], "g", [X], [Y], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions(); so.intra_op_num_threads = 2
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 kinds = ["fp32", "int8-acc0", "int8-acc4", "int4-acc0", "int4-acc4"]
@@ -44,7 +45,9 @@ ref = sess["fp32"].run(None, {"x": x})[0]
 times = {k: [] for k in kinds}
 for r in range(int(sys.argv[4])):
     for k in kinds:
-        t = time.perf_counter(); y = sess[k].run(None, {"x": x})[0]; times[k].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        y = sess[k].run(None, {"x": x})[0]
+        times[k].append(time.perf_counter() - t)
 for k in kinds:
     y = sess[k].run(None, {"x": x})[0]
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
