@@ -4,6 +4,7 @@ so a failed or interrupted export never leaves something that looks like a bundl
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import glob
 import json
@@ -106,11 +107,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
     reader = CheckpointReader(src)
     _check_keys(reader, cfg)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_partials(out):
-        log.warning("removed %s, left by an interrupted export of %s", stale, out)
-    tmp, lock = _make_partial_dir(out)
-    try:
+    with staged_output(out) as tmp:
         vision = build_vision(reader, cfg, tmp, precision=vision_precision,
                               io_dtype="float16" if vision_precision == "fp16" or io_dtype == "float16" and
                               vision_precision != "fp32" else "float32",
@@ -124,6 +121,20 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         side = _copy_side_files(src, tmp)
         manifest = _manifest(cfg, src, checkpoint, tmp, vision, decoder, side)
         (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """Write an export into a locked .NAME.partial-* directory beside `out` (stale ones of the same target are
+    removed first); on success it replaces `out` in one rename, on any failure it is removed. Shared by the
+    bundle and the onnxruntime-genai package exports."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_partials(out):
+        log.warning("removed %s, left by an interrupted export of %s", stale, out)
+    tmp, lock = _make_partial_dir(out)
+    try:
+        yield tmp
         _release(tmp, lock)
         lock = None
         publish(tmp, out)
@@ -131,7 +142,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         _release(tmp, lock)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def publish(tmp: Path, out: Path) -> None:

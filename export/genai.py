@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,12 +28,8 @@ from . import genai_graphs as gg
 from .bundle import (
     _check_keys,
     _copy_side_files,
-    _make_partial_dir,
-    _release,
-    log,
-    publish,
-    remove_stale_partials,
     resolve_options,
+    staged_output,
 )
 from .decoder_graph import resolve_options as decoder_options
 from .options import ExportError
@@ -80,11 +75,7 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
                         False, accuracy_level)
     stage = (lambda name: (lambda i, n: progress(name, i, n))) if progress else (lambda name: None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_partials(out):
-        log.warning("removed %s, left by an interrupted export of %s", stale, out)
-    tmp, lock = _make_partial_dir(out)
-    try:
+    with staged_output(out) as tmp:
         vision = gg.build_genai_vision(
             reader, cfg, tmp, precision=vision_precision, io_dtype=io_dtype,
             block_size=int8_block_size(cfg, block_size) if vision_precision == "int8" else block_size,
@@ -100,13 +91,6 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
                 "source": {"checkpoint": str(checkpoint), "resolved_path": str(src)}, "target": target,
                 "num_crops": num_crops, "vision": vision, "embedding": embedding, "text": text, "files": side}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _release(tmp, lock)
-        lock = None
-        publish(tmp, out)
-    except BaseException:
-        _release(tmp, lock)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
