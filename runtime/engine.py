@@ -270,7 +270,7 @@ class Engine:
             with sched.cond:
                 if not sched.waiting or len(sched.free()) < sched.waiting[0].n:
                     return
-                if spent and (spent >= budget or self.rows) and spent + sched.waiting[0].prep.ids.size > budget:
+                if spent and spent + sched.waiting[0].prep.ids.size > budget:  # the first one always goes in
                     return
                 job = sched.waiting.popleft()
             spent += int(job.prep.ids.size)
@@ -334,7 +334,7 @@ class Engine:
         for row in rows:
             row.prefill_s, row.cached = dt, keep if row.index == 0 else 0
             self.rows.append(row)
-            self._accept(row, self._sample(row, logits), logits, now)
+            self._accept(row, sample_next(row, logits), logits, now)
 
     def _run_score(self, job: Job) -> None:
         prep, cont = job.prep, job.continuation
@@ -395,7 +395,7 @@ class Engine:
                 self._accept(r, int(picks[r.slot.index]), None, now)
             else:
                 logits = dec.logits_rows(r.slot.index, 1)[0]
-                self._accept(r, self._sample(r, logits), logits, now)
+                self._accept(r, sample_next(r, logits), logits, now)
 
     def _recompute_long(self, row: Row) -> None:
         slot = row.slot
@@ -409,12 +409,9 @@ class Engine:
             self._fail_row(row, e)
             return
         logits = self.decoder.logits_rows(slot.index, 1)[0]
-        self._accept(row, self._sample(row, logits), logits, time.perf_counter())
+        self._accept(row, sample_next(row, logits), logits, time.perf_counter())
 
     # ---- per row: output and finishing (the row's own logic: rows.py) ----------------------------------
-    def _sample(self, row: Row, logits: np.ndarray) -> int:
-        return sample_next(row, logits)
-
     def _accept(self, row: Row, tok: int, logits: np.ndarray | None, now: float) -> None:
         delta = accept(row, tok, logits, now)
         row.job.handle._push(delta)
