@@ -6,7 +6,9 @@
         admit     waiting requests into free slots, first come first served (a prefill budget per turn):
                   the free slot whose cached tokens are the longest prefix of the prompt keeps that prefix and
                   prefills only the rest (scheduler.py); n > 1 rows copy the prefilled slot; the first token of
-                  each row is sampled from the prefill's logits
+                  each row is sampled from the prefill's logits. Slots are chosen inside the smallest bucket
+                  for the running rows (a prefix cached further up is copied in)
+        pack      running rows left past that bucket by rows that finished below them move down (a KV copy)
         step      ONE batched decode step over the smallest bucket holding every active slot (decode.py), each
                   row fed the token it sampled last; a row whose next position crosses LongRoPE's
                   original_max_position_embeddings is recomputed alone in its own slot with the long factors
@@ -99,7 +101,8 @@ class Engine:
         self.prefill_budget = int(prefill_budget)
         self.rows: list[Row] = []
         self.counters = {"requests": 0, "prefills": 0, "prefill_tokens": 0, "prefix_tokens_reused": 0,
-                         "decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "long_recomputes": 0}
+                         "decode_steps": 0, "decode_rows": 0, "decode_slots": 0, "decode_s": 0.0,
+                         "long_recomputes": 0, "slot_moves": 0, "prefix_copies": 0, "cache_spills": 0}
         self._ids = itertools.count(1)
         self._forget_all = False
         self._closing = False
@@ -169,7 +172,10 @@ class Engine:
     def stats(self) -> dict:
         """running / waiting requests, max_batch, free_slots, and the loop's counters since start: requests,
         prefills, prefill_tokens, prefix_tokens_reused, decode_steps, decode_rows (rows summed over the steps),
-        decode_s (seconds inside decode steps), long_recomputes."""
+        decode_slots (bucket sizes summed over the steps: rows + the idle slots the steps paid for), decode_s
+        (seconds inside decode steps), long_recomputes, slot_moves (running rows moved to a lower slot to keep
+        buckets small), prefix_copies (cached prefixes copied into the chosen slot instead of prefilled),
+        cache_spills (a free slot's cached tokens copied aside before its slot was reused)."""
         return {**self.scheduler.stats(), **self.counters}
 
     def forget(self) -> None:
@@ -237,6 +243,7 @@ class Engine:
             self._cancel_waiting()
         self._reap()
         self._admit()
+        self._pack()
         self._step()
 
     def _cancel_waiting(self) -> None:
@@ -285,6 +292,36 @@ class Engine:
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(e)
 
+    def _bound(self, n: int) -> int:
+        """Slots below this keep decode steps in the smallest bucket for the running rows plus n more."""
+        running = sum(1 for s in self.scheduler.slots if s.owner is not None)
+        return self.decoder.bucket_for(min(running + n, self.max_batch))
+
+    def _pack(self) -> None:
+        """Move running rows down into free slots when they sit past the bucket their count needs (a row
+        finished below them): one copy of each moved row's KV rows saves the idle slots in every later step."""
+        for src, dst in self.scheduler.packing_moves(self.decoder.bucket_for):
+            row = src.owner
+            if row not in self.rows:
+                continue
+            self._spill(dst, [src])
+            self.decoder.copy_slot(src.index, dst.index, self.decoder.cache.lengths[src.index])
+            dst.tokens, dst.image_keys, dst.long = list(src.tokens), list(src.image_keys), src.long
+            self.scheduler.take(row, dst)
+            self.scheduler.release(src)  # its rows stay valid: a reusable prefix of this conversation
+            row.slot = dst
+            self.counters["slot_moves"] += 1
+
+    def _spill(self, slot: Slot, exclude: list) -> None:
+        """Copy a free slot's cached tokens aside (scheduler.spill_target) before `slot` is overwritten."""
+        to = self.scheduler.spill_target(slot, exclude)
+        if to is None:
+            return
+        self.decoder.copy_slot(slot.index, to.index, min(len(slot.tokens), self.decoder.cache.lengths[slot.index]))
+        to.tokens, to.image_keys, to.long = list(slot.tokens), list(slot.image_keys), slot.long
+        to.last_used = slot.last_used
+        self.counters["cache_spills"] += 1
+
     def _long_for(self, total: int) -> bool:
         return self.long_rope == "always" or needs_long(self.rope, total)
 
@@ -312,7 +349,8 @@ class Engine:
         job.admitted = time.perf_counter()
         self.counters["requests"] += 1
         long = self._long_for(int(job.prep.ids.size))
-        slots, keep = self.scheduler.choose(job.prep.ids, job.prep.image_keys, long, job.n, job.reuse_prefix)
+        slots, source, keep = self.scheduler.choose(job.prep.ids, job.prep.image_keys, long, job.n,
+                                                    job.reuse_prefix, self._bound(job.n))
         rows = []
         for i, slot in enumerate(slots):
             row = new_row(job, i, slot, self.tokenizer)
@@ -320,6 +358,12 @@ class Engine:
             rows.append(row)
         t0 = time.perf_counter()
         try:
+            for slot in slots:  # cached tokens about to be overwritten (all but the kept prefix): copied aside
+                if slot is not source or len(slot.tokens) > keep:
+                    self._spill(slot, [*slots, source])
+            if keep and source is not slots[0]:  # the prefix is cached in a slot outside the bucket: copy it in
+                self.decoder.copy_slot(source.index, slots[0].index, keep)
+                self.counters["prefix_copies"] += 1
             self._prefill(slots[0], job.prep, keep, long)
             for slot in slots[1:]:  # n > 1: one prefill, copied
                 self.decoder.copy_slot(slots[0].index, slot.index, int(job.prep.ids.size))
@@ -339,7 +383,7 @@ class Engine:
     def _run_score(self, job: Job) -> None:
         prep, cont = job.prep, job.continuation
         long = self._long_for(int(prep.ids.size) + len(cont))
-        slot = self.scheduler.choose(prep.ids, prep.image_keys, long, 1, False)[0][0]
+        slot = self.scheduler.choose(prep.ids, prep.image_keys, long, 1, False, self._bound(1))[0][0]
         self.scheduler.take(job, slot)
         try:
             self._prefill(slot, prep, 0, long)
@@ -384,6 +428,7 @@ class Engine:
         c = self.counters
         c["decode_steps"] += 1
         c["decode_rows"] += len(batched)
+        c["decode_slots"] += b
         c["decode_s"] += time.perf_counter() - t0
         for r in batched:
             r.slot.tokens.append(int(r.pending))

@@ -258,3 +258,49 @@ def test_demo_model_examples_batched_equal_sequential():
     assert [r.token_ids for r in together] == [r.token_ids for r in seq]
     right = sum(r.text.strip() == q["answer"] for r, q in zip(together, qs))
     assert right >= len(qs) - 1, [r.text for r in together]
+
+
+def delta(before: dict, after: dict, *keys) -> dict:
+    return {k: after[k] - before[k] for k in keys}
+
+
+def test_rows_stay_packed_in_the_smallest_bucket(bundle):
+    """max_batch 8: two requests after an earlier one decode in bucket 2 (not in the empty slots 1-2, bucket 4);
+    a long row left alone past finished ones moves down to slot 0 and decodes in bucket 1; tokens unchanged."""
+    eng = Engine(bundle, provider="cpu", max_batch=8, max_length=1024)
+    try:
+        reqs = [dict(prompt=text(8 + 2 * i, i), max_new_tokens=n) for i, n in enumerate((4, 4, 4, 30))]
+        alone = [eng.submit(stop_ids=(), reuse_prefix=False, **r).result(timeout=60) for r in reqs]
+        before = eng.stats()
+        pair = [eng.submit(stop_ids=(), reuse_prefix=False, **r) for r in reqs[:2]]
+        assert [h.result(timeout=60).token_ids for h in pair] == [a.token_ids for a in alone[:2]]
+        d = delta(before, eng.stats(), "decode_steps", "decode_rows", "decode_slots")
+        assert d["decode_slots"] == d["decode_rows"] == 2 * d["decode_steps"], d
+        before = eng.stats()
+        four = [eng.submit(stop_ids=(), reuse_prefix=False, **r) for r in reqs]
+        assert [h.result(timeout=60).token_ids for h in four] == [a.token_ids for a in alone]
+        d = delta(before, eng.stats(), "decode_steps", "decode_rows", "decode_slots", "slot_moves")
+        assert d["slot_moves"] >= 1, d
+        assert d["decode_slots"] - d["decode_rows"] <= 3, d  # at most one step with an idle slot in bucket 4
+    finally:
+        eng.shutdown(drain_timeout=5)
+
+
+def test_prefix_cached_in_another_slot_is_copied_not_prefilled(bundle):
+    """Two conversations take turns on a max_batch 8 engine: each new turn runs in slot 0 (bucket 1); the other
+    conversation's cache is copied aside first, and a turn's own earlier cache is copied back in: both second
+    turns prefill only their new tokens and equal cold runs."""
+    eng = Engine(bundle, provider="cpu", max_batch=8, max_length=1024)
+    try:
+        convs = [[{"role": "user", "content": " ".join(WORDS[i:] + WORDS[:i])}] for i in (0, 5)]
+        first = [eng.submit(build_prompt(c)[0], max_new_tokens=6, stop_ids=()).result(timeout=60) for c in convs]
+        before = eng.stats()
+        for c, r1 in zip(convs, first):
+            p2 = build_prompt(c + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "Why?"}])[0]
+            warm = eng.submit(p2, max_new_tokens=8, stop_ids=()).result(timeout=60)
+            cold = eng.submit(p2, max_new_tokens=8, stop_ids=(), reuse_prefix=False).result(timeout=60)
+            assert warm.cached_tokens >= r1.prompt_tokens and warm.token_ids == cold.token_ids
+        d = delta(before, eng.stats(), "prefix_copies", "cache_spills", "decode_rows", "decode_slots")
+        assert d["prefix_copies"] >= 1 and d["cache_spills"] >= 1 and d["decode_slots"] == d["decode_rows"], d
+    finally:
+        eng.shutdown(drain_timeout=5)
