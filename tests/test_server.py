@@ -33,6 +33,7 @@ MODEL = "demo-int4"
 MAX_LENGTH = 4096
 MAX_TOKENS = 16
 LONG = 4000  # tokens of an ignore_eos reply to "hi": 10-30 s on 2 cores, far longer than any wait below
+URL_LONG = 16000  # the same on url_server (--max-length 16384): >= 15 s even on an idle machine, past its 4 s timeout
 
 
 # ---- the server process ---------------------------------------------------------------------------------
@@ -94,7 +95,8 @@ def server(bundle, tmp_path_factory):
 def url_server(bundle, tmp_path_factory):
     """Image URLs allowed; one slot and a queue of one (503 test); a short request timeout."""
     srv = _start(bundle, tmp_path_factory, "serve_urls", "--allow-image-urls", "--max-batch", "1",
-                 "--max-queue", "1", "--request-timeout", "4", "--max-image-bytes", "100000")
+                 "--max-queue", "1", "--request-timeout", "4", "--max-image-bytes", "100000",
+                 "--max-length", "16384")
     yield srv
     srv.stop()
 
@@ -419,7 +421,7 @@ def test_image_urls_only_when_allowed(server, url_server, image_host, examples, 
 def test_request_timeout(url_server):
     """A stream that runs past --request-timeout (4 s) ends with an error event; a request that waited behind it
     in the queue (one slot) gets a 504."""
-    body = {"model": MODEL, "messages": _msgs("hi"), "max_tokens": LONG, "temperature": 0}
+    body = {"model": MODEL, "messages": _msgs("hi"), "max_tokens": URL_LONG, "temperature": 0}
     c = url_server.client(key=None)
     stream = iter(c.chat.completions.create(**body, stream=True, extra_body={"ignore_eos": True}))
     chunks = [next(stream)]
@@ -437,7 +439,7 @@ def test_request_timeout(url_server):
 def test_full_queue_answers_503_with_retry_after(url_server):
     """One slot, a queue of one: a running request and a waiting one, then the next gets 503."""
     c = url_server.client(key=None)
-    long_body = {"model": MODEL, "messages": _msgs("hi"), "max_tokens": LONG, "temperature": 0, "ignore_eos": True}
+    long_body = {"model": MODEL, "messages": _msgs("hi"), "max_tokens": URL_LONG, "temperature": 0, "ignore_eos": True}
     running = c.chat.completions.create(**{k: v for k, v in long_body.items() if k != "ignore_eos"}, stream=True,
                                         extra_body={"ignore_eos": True})
     next(iter(running))
