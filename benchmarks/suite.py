@@ -42,6 +42,7 @@ BUNDLES = {  # bundle key -> export options (target = the device); the plain pre
     "int4-lm8": dict(precision="int4", lm_head_precision="int8"),
     "int4-emb8": dict(precision="int4", embedding_precision="int8"),
     "int4-emb32": dict(precision="int4", embedding_precision="fp32"),
+    "int4-vis32": dict(precision="int4", vision_precision="fp32"),
 }
 SESSION_CANDIDATES = {  # name -> session config entries ("so.X": a SessionOptions attribute), default int4 bundle
     "nospin": {"session.intra_op.allow_spinning": "0"},
