@@ -37,6 +37,7 @@ BUNDLES = {  # bundle key -> export options (target = the device); the plain pre
     "fp32": dict(precision="fp32"),
     "int4-acc0": dict(precision="int4", accuracy_level=0, vision_precision="fp32"),  # CPU export before issue 18
     # --candidates (CPU, issue 18 item 2): one change at a time against the default int4 bundle
+    "int4-b32": dict(precision="int4", block_size=32),  # the CPU default before block 64
     "int4-b64": dict(precision="int4", block_size=64),
     "int4-b128": dict(precision="int4", block_size=128),
     "int4-lm8": dict(precision="int4", lm_head_precision="int8"),
@@ -61,7 +62,7 @@ def plan(device: str, tiny: bool = True, candidates: list[str] | None = None) ->
 
         rows = [
             dict(label="phi3v-edge", system="edge", precision="int4", cuda_graph=False, bundle="int4",
-                 variant="cpu default: acc 4, int8 vision"),
+                 variant="cpu default: acc 4, block 64, int8 vision"),
             dict(label="phi3v-edge", system="edge", precision="int4", cuda_graph=False, bundle="int4-acc0",
                  variant="acc 0, fp32 vision (before)"),
             dict(label="onnxruntime-genai", system="ort-genai", precision="int4", cuda_graph=False,

@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-precision", choices=VISION_PRECISIONS, default=None,
                    help="vision encoder weights (default fp16 for cuda; for cpu int8 with an int4/int8 decoder, "
                         "else fp32)")
-    p.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES, help="quantization block size (default 32)")
+    p.add_argument("--block-size", type=int, default=None, choices=BLOCK_SIZES,
+                   help="quantization block size of int4/int8 weights (default 64 for --target cpu int4/int8: "
+                        "fewer scale bytes per decode step; 32 otherwise)")
     p.add_argument("--accuracy-level", type=int, default=None, choices=ACCURACY_LEVELS,
                    help="MatMulNBits accuracy_level of the decoder and the vision encoder: 0 = fp32 activations, "
                         "4 = int8 activations (faster CPU kernels). Default 4 for --target cpu with "

@@ -28,6 +28,7 @@ from . import genai_graphs as gg
 from .bundle import (
     _check_keys,
     _copy_side_files,
+    fit_block_size,
     resolve_options,
     staged_output,
 )
@@ -43,7 +44,8 @@ DEFAULT_MAX_LENGTH = 4096  # search.max_length: the KV buffers onnxruntime-genai
 
 
 def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *, target: str = "auto",
-                 vision_precision: str | None = None, block_size: int = 32, accuracy_level: int | None = None,
+                 vision_precision: str | None = None, block_size: int | None = None,
+                 accuracy_level: int | None = None,
                  symmetric: bool = True, lm_head_precision: str | None = None,
                  embedding_precision: str | None = None, max_length: int | None = None, force: bool = False,
                  all_logits: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
@@ -56,14 +58,16 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
     if all_logits:
         raise ExportError("--all-logits is for bundles: the genai text graph returns the last position's logits "
                           "(onnxruntime-genai keeps only those)")
-    target, vision_precision, accuracy_level, io_dtype = resolve_options(precision, target, vision_precision,
-                                                                         block_size, accuracy_level)
+    asked = block_size
+    target, vision_precision, accuracy_level, io_dtype, block_size = resolve_options(
+        precision, target, vision_precision, block_size, accuracy_level)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
 
     src = resolve_checkpoint(checkpoint)
     cfg = Phi3VConfig.from_json(src)
+    block_size = fit_block_size(cfg, block_size, asked)
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, cfg.max_position_embeddings)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 <= max_length <= cfg.max_position_embeddings:

@@ -34,9 +34,14 @@ def checkpoint_digest(ckpt: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def demo_bundle(provider: str, precision: str = "int4", block_size: int = 32, force: bool = False, log=print) -> Path:
-    """The cached demo bundle for this provider, exported on first use."""
+def demo_bundle(provider: str, precision: str = "int4", block_size: int | None = None, force: bool = False,
+                log=print) -> Path:
+    """The cached demo bundle for this provider, exported on first use (block_size None: the target's default)."""
     target = "cuda" if provider == "cuda" else "cpu"
+    if block_size is None:
+        from phi3v_edge.export.bundle import cpu_defaults
+
+        block_size = cpu_defaults(precision, target, None, None)[2]
     out = cache_root() / f"demo-{checkpoint_digest(CHECKPOINT)}-{precision}-b{block_size}-{target}"
     from phi3v_edge.runtime.bundle import BundleError, load_manifest
 

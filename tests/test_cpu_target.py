@@ -32,10 +32,10 @@ def cpu_bundles(tiny_checkpoint, tmp_path_factory):
 def test_cpu_defaults_are_recorded_and_in_the_graphs(cpu_bundles):
     fast, exact = cpu_bundles
     m = json.loads((fast / "manifest.json").read_text())
-    assert m["decoder"]["accuracy_level"] == 4
+    assert m["decoder"]["accuracy_level"] == 4 and m["decoder"]["block_size"] == 64
     assert m["vision"]["precision"] == "int8" and m["vision"]["accuracy_level"] == 4
     assert m["vision"]["io_dtype"] == "float32" and m["vision"]["compute_dtype"] == "float32"
-    assert m["vision"]["block_size"] == 32  # the decoder's block size where it divides the vision sizes
+    assert m["vision"]["block_size"] == 32  # the decoder's block size where it divides the vision sizes (CLIP 32)
     assert _matmulnbits_levels(fast / "decoder.onnx") == {4}
     assert _matmulnbits_levels(fast / "vision.onnx") == {4}
     assert _matmulnbits_levels(exact / "decoder.onnx") == {0}
@@ -63,6 +63,7 @@ def test_cuda_target_and_explicit_options(tiny_checkpoint, tmp_path):
     cuda = exp.export_bundle(tiny_checkpoint, tmp_path / "cuda", "int4", target="cuda")
     m = json.loads((cuda / "manifest.json").read_text())
     assert m["decoder"]["accuracy_level"] == 0 and m["vision"]["precision"] == "fp16"
+    assert m["decoder"]["block_size"] == 32
     fp32 = exp.export_bundle(tiny_checkpoint, tmp_path / "fp32", "fp32", target="cpu")
     assert json.loads((fp32 / "manifest.json").read_text())["vision"]["precision"] == "fp32"
     out = tmp_path / "cli"
@@ -76,6 +77,16 @@ def test_cuda_target_and_explicit_options(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):
         export_main([str(tiny_checkpoint), "--out", str(tmp_path / "bad2"), "--accuracy-level", "3"])
+
+
+def test_default_cpu_block_falls_back_to_32_where_64_does_not_divide():
+    from types import SimpleNamespace
+
+    from phi3v_edge.export.bundle import fit_block_size
+
+    assert fit_block_size(SimpleNamespace(hidden_size=3072, intermediate_size=8192), 64, None) == 64
+    assert fit_block_size(SimpleNamespace(hidden_size=96, intermediate_size=192), 64, None) == 32
+    assert fit_block_size(SimpleNamespace(hidden_size=96, intermediate_size=192), 64, 64) == 64  # asked: kept
 
 
 def test_int8_vision_block_size_follows_the_vision_sizes(tiny_checkpoint, tmp_path):
