@@ -294,17 +294,19 @@ class Engine:
 
     def _bound(self, n: int) -> int:
         """Slots below this keep decode steps in the smallest bucket for the running rows plus n more."""
-        running = sum(1 for s in self.scheduler.slots if s.owner is not None)
+        running = len(self.scheduler.running())
         return self.decoder.bucket_for(min(running + n, self.max_batch))
 
     def _pack(self) -> None:
         """Move running rows down into free slots when they sit past the bucket their count needs (a row
         finished below them): one copy of each moved row's KV rows saves the idle slots in every later step."""
-        for src, dst in self.scheduler.packing_moves(self.decoder.bucket_for):
+        moves = self.scheduler.packing_moves(self.decoder.bucket_for)
+        involved = [s for pair in moves for s in pair]  # spills never land where a later move writes
+        for src, dst in moves:
             row = src.owner
             if row not in self.rows:
                 continue
-            self._spill(dst, [src])
+            self._spill(dst, involved)
             self.decoder.copy_slot(src.index, dst.index, self.decoder.cache.lengths[src.index])
             dst.tokens, dst.image_keys, dst.long = list(src.tokens), list(src.image_keys), src.long
             self.scheduler.take(row, dst)

@@ -61,6 +61,11 @@ def common_prefix(ids: np.ndarray, keys: list, slot: Slot) -> int:
     return end
 
 
+def eviction_order(s: Slot) -> tuple:
+    """Which free slot to give up first: empty ones, then the least recently used."""
+    return bool(s.tokens), s.last_used, s.index
+
+
 class Scheduler:
     def __init__(self, max_batch: int, max_queue: int):
         self.slots = [Slot(i) for i in range(max_batch)]
@@ -86,13 +91,16 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self.cond:
-            running = sum(1 for s in self.slots if s.owner is not None)
+            running = len(self.running())
             return {"running": running, "waiting": len(self.waiting), "max_batch": len(self.slots),
                     "free_slots": len(self.slots) - running}
 
     # ---- the loop thread -------------------------------------------------------------------------
     def free(self) -> list[Slot]:
         return [s for s in self.slots if s.owner is None]
+
+    def running(self) -> list[Slot]:
+        return [s for s in self.slots if s.owner is not None]
 
     def choose(self, ids: np.ndarray, keys: list, long: bool, n: int, reuse: bool,
                bound: int | None = None) -> tuple[list[Slot], Slot | None, int]:
@@ -113,19 +121,18 @@ class Scheduler:
                 if k > keep or (k == keep and k > 0 and s.index < bound <= best.index):
                     best, keep = s, k
         # inside the bound first (small decode buckets); there: the prefix source, empty slots, least recently used
-        chosen = sorted(free, key=lambda s: (s.index >= bound, s is not best, bool(s.tokens), s.last_used, s.index))
+        chosen = sorted(free, key=lambda s: (s.index >= bound, s is not best, *eviction_order(s)))
         return chosen[:n], best, keep
 
     def packing_moves(self, bucket_for) -> list[tuple[Slot, Slot]]:
         """(running slot, free slot) pairs that bring every running row below bucket_for(running rows), highest
         slot first, each to an empty or least recently used free slot; [] when the rows are packed enough."""
-        running = [s for s in self.slots if s.owner is not None]
+        running = self.running()
         if not running:
             return []
         bound = bucket_for(len(running))
         movers = sorted((s for s in running if s.index >= bound), key=lambda s: -s.index)
-        targets = sorted((s for s in self.free() if s.index < bound), key=lambda s: (bool(s.tokens), s.last_used,
-                                                                                     s.index))
+        targets = sorted((s for s in self.free() if s.index < bound), key=eviction_order)
         return list(zip(movers, targets))
 
     def spill_target(self, slot: Slot, exclude: list) -> Slot | None:
@@ -134,7 +141,7 @@ class Scheduler:
         spare = [s for s in self.free() if s is not slot and not any(s is e for e in exclude)]
         if not slot.tokens or not spare:
             return None
-        t = min(spare, key=lambda s: (bool(s.tokens), s.last_used, s.index))
+        t = min(spare, key=eviction_order)
         return t if not t.tokens or t.last_used < slot.last_used else None
 
     def take(self, owner, slot: Slot) -> None:
