@@ -107,6 +107,32 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30, reps: int = 10) -> f
     return round(2 * nbytes * reps / secs / 1e9, 1)
 
 
+def read_bandwidth_gbps(threads: int | None = None, nbytes: int = 1 << 29, reps: int = 5) -> float:
+    """Measured CPU memory read bandwidth with `threads` threads (default: physical cores, as the sessions run),
+    GB/s: each thread OR-reduces its share of a buffer far larger than the caches (NumPy releases the GIL
+    inside the reduction), best of `reps`. A decode step streams its weights once, so step bytes / this is
+    the step's floor; achieved GB/s over it says how close a kernel comes."""
+    import threading
+
+    import numpy as np
+
+    from phi3v_edge.runtime.threads import default_threads
+
+    n = max(1, default_threads(threads))
+    buf = np.ones(nbytes // 8, np.int64)
+    parts = np.array_split(buf, n)
+    best = 0.0
+    for _ in range(reps):
+        workers = [threading.Thread(target=np.bitwise_or.reduce, args=(part,)) for part in parts]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
+    return round(best, 1)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None

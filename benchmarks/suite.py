@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .measure import copy_bandwidth_gbps, env_versions, median
+from .measure import copy_bandwidth_gbps, env_versions, median, read_bandwidth_gbps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROW_KEYS = ("system", "precision", "cuda_graph", "decode_tok_s_1k", "decode_tok_s_4k", "ttft_ms_crops4",
@@ -217,14 +217,16 @@ def columns(res: dict) -> list[str]:
         cols += [f"ttft_ms_crops{crops[0]}", "preprocess_ms", "vision_ms", "prefill_ms"]
         cols += [f"ttft_ms_crops{c}" for c in crops[1:]]
     cols += ["peak_gpu_gib"] if cuda else ["peak_rss_gib"]
-    return cols + ["bundle_gb", "achieved_gbps"]
+    return cols + ["bundle_gb", "achieved_gbps"] + ([] if cuda else ["pct_of_read_bw"])
 
 
 def markdown(res: dict) -> str:
     cols = columns(res)
     fmt = lambda v: "–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"# phi3v-edge benchmark: {res['device']}", "", f"- date: {res['date']}", f"- command: `{res['command']}`",
-             f"- copy bandwidth: {res['copy_bandwidth_gbps']} GB/s (read + write)",
+             f"- copy bandwidth: {res['copy_bandwidth_gbps']} GB/s (read + write)"
+             + (f"; read bandwidth: {res['read_bandwidth_gbps']} GB/s ({res['settings'].get('threads')} threads, "
+                "the decode floor's denominator)" if res.get("read_bandwidth_gbps") else ""),
              f"- versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}"]
     st = res["settings"]
     lines.append(f"- settings: contexts {st['contexts']} (prompt tokens, about), {st['new_tokens']} new tokens, "
@@ -241,7 +243,9 @@ def markdown(res: dict) -> str:
     c0 = st["crops"][0] if st["crops"] else None
     lines += ["", (f"prefill_ms, preprocess_ms, vision_ms: the image prompt at num_crops {c0} (ttft_ms_crops{c0} = "
                    "their sum); " if c0 else "") + "text_prefill_ms: the text prompt, prompt in to first token out; "
-              "achieved_gbps: weight + KV bytes a decode step reads x decode rate."]
+              "achieved_gbps: weight + KV bytes a decode step reads x decode rate"
+              + ("; pct_of_read_bw: achieved_gbps over the measured read bandwidth (100 = the floor)."
+                 if "pct_of_read_bw" in cols else ".")]
     notes = [f"- {r['system']} {r['precision']} {r.get('variant') or ''}: {r.get('error') or r.get('skipped')}"
              for r in res["rows"] if r.get("error") or r.get("skipped")]
     if notes:
@@ -376,6 +380,12 @@ def main(argv=None) -> int:
     if a.crops:
         base["crops"] = [] if a.crops == "none" else [int(c) for c in a.crops.split(",")]
     settings = {k: base[k] for k in ("runs", "warmup", "rounds", "new_tokens", "contexts", "crops", "max_length")}
+    read_bw = None
+    if device == "cpu":  # measured before the runs, on the idle machine, with the sessions' thread count
+        from phi3v_edge.runtime.threads import default_threads
+
+        settings["threads"] = default_threads()
+        read_bw = read_bandwidth_gbps(settings["threads"])
     todo = [(i, p) for i, p in enumerate(rows_plan) if not wanted or p["system"] in wanted]
     per_row: dict[int, list[dict]] = {i: [] for i, _ in todo}
     for rnd in range(base["rounds"]):
@@ -399,6 +409,8 @@ def main(argv=None) -> int:
         r = merge_rounds(per_row[i])
         raw[f"{p['label']}|{p['precision']}|{p['cuda_graph']}|{p.get('variant')}"] = r
         rows.append(table_row(p, r, settings))
+        if read_bw and rows[-1].get("achieved_gbps"):
+            rows[-1]["pct_of_read_bw"] = round(100 * rows[-1]["achieved_gbps"] / read_bw, 1)
     correctness = {}
     if cpu_full:
         correctness.update(cpu_agreement(raw, next(iter(settings["contexts"]))))
@@ -412,6 +424,7 @@ def main(argv=None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     res = {"date": now.isoformat(timespec="seconds"), "device": device_name(device), "device_kind": device,
            "versions": env_versions(), "copy_bandwidth_gbps": copy_bandwidth_gbps(device),
+           "read_bandwidth_gbps": read_bw,
            "command": "phi3v-edge bench " + " ".join(argv if argv is not None else sys.argv[1:]),
            "settings": settings, "rows": rows, "correctness": correctness,
            "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}}

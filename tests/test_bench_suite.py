@@ -69,12 +69,17 @@ def test_measured_figures_are_real_and_shown(dry_run):
     rows = _rows(res)
     assert res["versions"]["onnxruntime"] == ort.__version__ and res["versions"]["torch"] == torch.__version__
     assert np.isfinite(res["copy_bandwidth_gbps"]) and res["copy_bandwidth_gbps"] > 0
+    bw = res["read_bandwidth_gbps"]  # the CPU decode floor's denominator, beside achieved GB/s in every row
+    assert np.isfinite(bw) and bw > 0 and res["settings"]["threads"] >= 1
+    assert "pct_of_read_bw" in next(x for x in md.splitlines() if x.startswith("| system |"))
     for key in (("phi3v-edge", "int4"), ("phi3v-edge", "fp32"), ("pytorch", "fp32")):
         r = rows[key]
         assert "error" not in r, r
         for col in ("decode_tok_s_1k", "decode_tok_s_4k", "preprocess_ms", "vision_ms", "prefill_ms",
                     "ttft_ms_crops4", "ttft_ms_crops16", "achieved_gbps", "peak_rss_gib"):
             assert isinstance(r[col], float) and r[col] > 0, (key, col, r[col])
+        if key[0] == "phi3v-edge":
+            assert r["pct_of_read_bw"] == round(100 * r["achieved_gbps"] / bw, 1), r
         line = next(x for x in md.splitlines() if x.startswith(f"| {key[0]} | {key[1]} |"))
         assert f"{r['decode_tok_s_1k']:.4g}" in line and f"{r['ttft_ms_crops4']:.4g}" in line
     nf4 = rows[("pytorch+bnb", "nf4")]
