@@ -98,12 +98,13 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="cpu", help="file name tag (default cpu)")
     a = p.parse_args(argv)
 
-    from phi3v_edge.benchmarks.measure import bundle_decoder_weight_bytes, copy_bandwidth_gbps
+    from phi3v_edge.benchmarks.measure import bundle_decoder_weight_bytes, copy_bandwidth_gbps, read_bandwidth_gbps
     from phi3v_edge.benchmarks.suite import device_name
     from phi3v_edge.runtime.engine import Engine
 
     conc = [int(x) for x in a.concurrency.split(",")]
     load_before = os.getloadavg()
+    read_bw = read_bandwidth_gbps(a.threads)  # before the runs, on the idle machine
     started = datetime.now(timezone.utc)
     solo_prompt = prompt_for(0, a.prompt_words)
     solo = {"new": [], "baseline": []}
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
            "bundle": a.bundle, "decoder": {k: dec.get(k) for k in ("precision", "block_size", "accuracy_level",
                                                                    "io_dtype")},
            "new_tokens": a.new_tokens, "prompt_tokens": prompt_tokens,
-           "copy_bandwidth_gbps": bw, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+           "copy_bandwidth_gbps": bw, "read_bandwidth_gbps": read_bw,
+           "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
            "solo_decode_tok_s": {k: [x["tokens_per_s"] for x in v] for k, v in solo.items() if v},
            "solo_prefill_s": {k: [x["prefill_s"] for x in v] for k, v in solo.items() if v},
            "batched_tokens_equal_solo": same, "rows": rows}
@@ -160,7 +162,9 @@ def markdown(res: dict, baseline_label: str) -> str:
     lines = [f"# Continuous batching, {res['device']}", "",
              f"- date: {res['date']}", f"- command: `{res['command']}`",
              f"- bundle: {res['bundle']} ({res['decoder']})", f"- {res['prompt_tokens']}-token prompts, {res['new_tokens']} new tokens per request, greedy",
-             f"- copy bandwidth: {res['copy_bandwidth_gbps']} GB/s; load average before / after: "
+             f"- copy bandwidth: {res['copy_bandwidth_gbps']} GB/s; read bandwidth: "
+             f"{res.get('read_bandwidth_gbps', '–')} GB/s (the floor: achieved GB/s at most this); "
+             "load average before / after: "
              f"{[round(x, 1) for x in res['load_avg_before']]} / {[round(x, 1) for x in res['load_avg_after']]}",
              f"- batched greedy tokens equal to the solo run's: {res['batched_tokens_equal_solo']}", "",
              "| concurrent requests | decode tokens/s (aggregate) | x one request | rows/step | achieved GB/s "

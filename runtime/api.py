@@ -62,11 +62,13 @@ class Phi3VRuntime:
         bundle's stop ids (() disables them). keep_cache: may reuse the cached KV of a prompt this one extends
         (default: prefill the whole prompt). video: a clip (path or bytes) sampled to video_frames frames
         evenly (default 4) or at video_fps; its frames follow `images`, in place of <|video|> or at the start
-        of the last user turn (runtime/video.py prompt_video); their timestamps are in `last_video`."""
-        prompt, images = self._with_video(prompt, images, video, video_frames, video_fps, num_crops, max_new_tokens)
+        of the last user turn (runtime/video.py prompt_video); their timestamps are the result's
+        `frame_timestamps`."""
+        prompt, images, stamps = self._with_video(prompt, images, video, video_frames, video_fps, num_crops,
+                                                  max_new_tokens)
         h = self._submit(prompt, images, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                          seed, stop, num_crops, stop_ids, keep_cache)
-        self.last_result = h.result()
+        self.last_result = _stamped(h.result(), stamps)
         return self.last_result
 
     def stream(self, prompt: str, images=None, max_new_tokens: int = 256, do_sample: bool = False,
@@ -77,10 +79,11 @@ class Phi3VRuntime:
         """Like `generate`, yielding text deltas as tokens arrive (joined, they equal the result's text);
         the generator returns the GenerationResult (also left in `last_result`). Closing it early cancels the
         request. Input errors are raised here, before the generator is returned."""
-        prompt, images = self._with_video(prompt, images, video, video_frames, video_fps, num_crops, max_new_tokens)
+        prompt, images, stamps = self._with_video(prompt, images, video, video_frames, video_fps, num_crops,
+                                                  max_new_tokens)
         h = self._submit(prompt, images, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
                          seed, stop, num_crops, stop_ids, keep_cache)
-        return self._deltas(h)
+        return self._deltas(h, stamps)
 
     def chat(self, messages: Sequence[dict[str, Any]], **kwargs) -> GenerationResult:
         """One turn of a conversation: messages = the whole history [{"role", "content", "images"?}, ...],
@@ -133,16 +136,18 @@ class Phi3VRuntime:
             raise InputError(str(e)) from None
 
     def _with_video(self, prompt, images, video, frames, fps, num_crops, max_new_tokens):
-        """(prompt, images) with a clip's frames added (budget-checked before decoding); unchanged without one."""
+        """(prompt, images, frame timestamps) with a clip's frames added (budget-checked before decoding);
+        unchanged, with None, without one."""
         if video is None:
             if frames is not None or fps is not None:
                 raise InputError("video_frames / video_fps need video=")
-            return prompt, images
+            return prompt, images, None
         from .video import prompt_video
 
-        self.last_video = prompt_video(self.processor, prompt, images, video, frames=frames, fps=fps,
-                                       num_crops=num_crops, max_length=self.max_length, max_new_tokens=max_new_tokens)
-        return self.last_video.prompt, self.last_video.images
+        req = prompt_video(self.processor, prompt, images, video, frames=frames, fps=fps, num_crops=num_crops,
+                           max_length=self.max_length, max_new_tokens=max_new_tokens)
+        self.last_video = req  # kept for callers of earlier versions; not meaningful across threads
+        return req.prompt, req.images, list(req.timestamps)
 
     def _submit(self, prompt, images, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed,
                 stop, num_crops, stop_ids, keep_cache) -> RequestHandle:
@@ -151,16 +156,23 @@ class Phi3VRuntime:
                                   repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_ids=stop_ids,
                                   num_crops=num_crops, reuse_prefix=keep_cache)
 
-    def _deltas(self, h: RequestHandle) -> Iterator[str]:
+    def _deltas(self, h: RequestHandle, stamps: list[float] | None = None) -> Iterator[str]:
         try:
             for d in h:
                 if d.text:
                     yield d.text
-            self.last_result = h.result()
+            self.last_result = _stamped(h.result(), stamps)
             return self.last_result
         finally:
             if not h.done:
                 h.cancel()
+
+
+def _stamped(result: GenerationResult, stamps: list[float] | None) -> GenerationResult:
+    """The result with its video frames' timestamps (each request carries its own: safe across threads)."""
+    if stamps is not None:
+        result.frame_timestamps = stamps
+    return result
 
 
 __all__ = ["Phi3VRuntime", "GenerationResult", "BundleError", "InputError", "ProviderError", "RequestCancelled"]

@@ -52,6 +52,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
     index: int = 0  # row among the request's n
     provider: str = ""  # execution provider that ran it ("cpu" / "cuda")
+    frame_timestamps: list[float] | None = None  # video= requests: seconds of each sampled frame from the clip's start
 
 
 class RequestHandle:

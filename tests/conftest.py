@@ -35,3 +35,14 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory):
 
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("tiny_bundle") / "fp32", precision="fp32",
                          target="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_checkpoint, tmp_path_factory):
+    """The fp32 onnxruntime-genai package of the same checkpoint as `tiny_bundle`, made by the CLI."""
+    from phi3v_edge.export import cli
+
+    out = tmp_path_factory.mktemp("genai") / "fp32"
+    assert cli.main([str(tiny_checkpoint), "--out", str(out), "--format", "genai", "--precision", "fp32",
+                     "--target", "cpu", "--quiet"]) == 0
+    return out

@@ -40,17 +40,6 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_package(tiny_checkpoint, tmp_path_factory):
-    """The fp32 genai package of the same checkpoint as `tiny_bundle`, made by the CLI."""
-    from phi3v_edge.export import cli
-
-    out = tmp_path_factory.mktemp("genai") / "fp32"
-    assert cli.main([str(tiny_checkpoint), "--out", str(out), "--format", "genai", "--precision", "fp32",
-                     "--target", "cpu", "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tiny_package):
     return og.Model(str(tiny_package))
 
