@@ -41,10 +41,12 @@ os.environ.update(ray_cli.LOOPBACK_ENV)
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray Serve is not installed: pip install 'phi3v-edge[ray]'")
 MODEL = "demo-int4"
-MAX_LENGTH = 2048
+MAX_LENGTH = 8192
 MAX_TOKENS = 16
 MAX_BATCH = 2  # per replica: 2 replicas x 2 slots, so 4 concurrent requests fill both
-LONG = 1500    # tokens of an ignore_eos reply (fits MAX_LENGTH): long enough to be killed mid-run
+# tokens of an ignore_eos reply (fits MAX_LENGTH): long enough to be killed mid-run. The demo model decodes
+# ~1900 tokens/s alone on a 2-vCPU EPYC, so 1500 tokens could end before the kill; 7000 take >= 5 s there
+LONG = 7000
 
 
 # ---- plain Python: no Ray needed --------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def test_killed_replica_fails_cleanly_and_is_replaced(cluster, examples_and_refe
         while not started and time.monotonic() < deadline and not any(f.done() for f in futs):
             time.sleep(0.1)
         assert started, f"no stream started within 120 s: {[f.result() for f in futs if f.done()]}"
-        time.sleep(1.0)  # a few tokens in
+        time.sleep(0.3)  # a few tokens in
         victim = next(iter(started.values()))
         ray.kill(ray.get_actor(f"SERVE_REPLICA::{ray_cli.APP_NAME}#{DEPLOYMENT_NAME}#{victim}", namespace="serve"),
                  no_restart=True)
