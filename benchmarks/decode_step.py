@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             t = statistics.median(times[n])
             gbps = g.step_bytes / t / 1e9
             results.append({"name": n, "path": str(p), "kind": g.kind, "export": g.export, "rows": r,
-                            "step_ms": round(1e3 * t, 2), "per_round_ms": [round(1e3 * x, 2) for x in times[n]],
+                            "step_ms": round(1e3 * t, 3), "per_round_ms": [round(1e3 * x, 3) for x in times[n]],
                             "tok_s": round(r / t, 2), "step_gb": round(g.step_bytes / 1e9, 3),
                             "achieved_gbps": round(gbps, 2), "pct_of_read_bw": round(100 * gbps / read_bw, 1)})
         del graphs

@@ -62,7 +62,7 @@ def plan(device: str, tiny: bool = True, candidates: list[str] | None = None) ->
 
         rows = [
             dict(label="phi3v-edge", system="edge", precision="int4", cuda_graph=False, bundle="int4",
-                 variant="cpu default: acc 4, block 64, int8 vision"),
+                 variant="cpu default: acc 4, block 64, int8 vision (acc 0)"),
             dict(label="phi3v-edge", system="edge", precision="int4", cuda_graph=False, bundle="int4-acc0",
                  variant="acc 0, fp32 vision (before)"),
             dict(label="onnxruntime-genai", system="ort-genai", precision="int4", cuda_graph=False,

@@ -42,22 +42,29 @@ DEFAULT_BLOCK_SIZE = 32
 
 
 def cpu_defaults(precision: str, target: str, vision_precision: str | None, accuracy_level: int | None,
-                 block_size: int | None = None) -> tuple[str | None, int, int]:
+                 block_size: int | None = None, vision_accuracy_level: int | None = None
+                 ) -> tuple[str | None, int, int, int]:
     """The CPU target's fast defaults (quality: benchmarks/results/quality-cpu-2026-12-01.md; speed:
-    benchmarks/results/cpu-candidates-2026-12-02.md): accuracy_level 4 for quantized weights (int8
-    activations in MatMulNBits), an int8 vision encoder, and block 64 (half the scale bytes of block 32: a
-    memory-bound decode step reads 10 % less, and MLAS's prepacked weights take 0.7 GiB less RSS; on the
-    demo model block 64 is as good as 32: 94.7 % vs 94.3 %, KL 7.3e-4 vs 8.9e-4). CUDA (and float
-    precisions) keep accuracy_level 0, block 32 and the vision precision of the io dtype.
-    -> (vision_precision, accuracy_level, block_size)."""
+    benchmarks/results/cpu-candidates-2026-12-02.md): accuracy_level 4 for the quantized decoder (int8
+    activations in MatMulNBits), an int8 vision encoder at accuracy_level 0, and block 64 (half the scale bytes
+    of block 32: a memory-bound decode step reads 10 % less, and MLAS's prepacked weights take 0.7 GiB less
+    RSS; on the demo model block 64 is as good as 32: 94.7 % vs 94.3 %, KL 7.3e-4 vs 8.9e-4).
+    The vision encoder is compute-bound (hundreds of rows per matmul), where MLAS's fp32 path over the int8
+    weights runs as fast as fp32 weights and its int8-activation path on an AVX2 CPU is 1.75x slower (one image
+    at num_crops 1: 5.03 vs 8.84 s, benchmarks/results/vision-accuracy-2026-12-02.md), so its level is 0 unless
+    asked (vision_accuracy_level, or accuracy_level for both graphs). CUDA (and float precisions) keep
+    accuracy_level 0, block 32 and the vision precision of the io dtype.
+    -> (vision_precision, accuracy_level, vision_accuracy_level, block_size)."""
     fast = target == "cpu" and precision in ("int4", "int8")
+    if vision_accuracy_level is None:
+        vision_accuracy_level = 0 if accuracy_level is None else accuracy_level
     if accuracy_level is None:
         accuracy_level = 4 if fast else 0
     if vision_precision is None and fast:
         vision_precision = "int8"
     if block_size is None:
         block_size = CPU_BLOCK_SIZE if fast else DEFAULT_BLOCK_SIZE
-    return vision_precision, accuracy_level, block_size
+    return vision_precision, accuracy_level, vision_accuracy_level, block_size
 
 
 def fit_block_size(cfg: Phi3VConfig, block_size: int, asked: int | None) -> int:
@@ -69,22 +76,24 @@ def fit_block_size(cfg: Phi3VConfig, block_size: int, asked: int | None) -> int:
 
 
 def resolve_options(precision: str, target: str, vision_precision: str | None, block_size: int | None,
-                    accuracy_level: int | None) -> tuple[str, str, int, str, int]:
+                    accuracy_level: int | None, vision_accuracy_level: int | None = None
+                    ) -> tuple[str, str, int, int, str, int]:
     """Check the export options (ExportError naming the bad one) and fill the defaults, before any work:
-    -> (target, vision_precision, accuracy_level, io_dtype, block_size). The graph builders check the block
-    size against the model's sizes (export/options.py holds every check)."""
+    -> (target, vision_precision, accuracy_level, vision_accuracy_level, io_dtype, block_size). The graph
+    builders check the block size against the model's sizes (export/options.py holds every check)."""
     check_choice(precision, PRECISIONS, "precision")
     target = resolve_target(check_choice(target, TARGETS, "target"))
     if block_size is not None:
         check_choice(block_size, BLOCK_SIZES, "block size")
-    vision_precision, accuracy_level, block_size = cpu_defaults(precision, target, vision_precision,
-                                                                accuracy_level, block_size)
+    vision_precision, accuracy_level, vision_accuracy_level, block_size = cpu_defaults(
+        precision, target, vision_precision, accuracy_level, block_size, vision_accuracy_level)
     check_choice(accuracy_level, ACCURACY_LEVELS, "accuracy level")
+    check_choice(vision_accuracy_level, ACCURACY_LEVELS, "vision accuracy level")
     io_dtype = default_io_dtype(precision, target)
     if vision_precision is None:
         vision_precision = "fp32" if io_dtype == "float32" else "fp16"
     check_choice(vision_precision, VISION_PRECISIONS, "vision precision")
-    return target, vision_precision, accuracy_level, io_dtype, block_size
+    return target, vision_precision, accuracy_level, vision_accuracy_level, io_dtype, block_size
 
 
 def resolve_target(target: str) -> str:
@@ -105,7 +114,7 @@ def resolve_target(target: str) -> str:
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *,
                   target: str = "auto", vision_precision: str | None = None, block_size: int | None = None,
-                  accuracy_level: int | None = None,
+                  accuracy_level: int | None = None, vision_accuracy_level: int | None = None,
                   symmetric: bool = True, lm_head_precision: str | None = None,
                   embedding_precision: str | None = None, all_logits: bool = False, force: bool = False,
                   progress: Callable[[str, int, int], None] | None = None) -> Path:
@@ -116,10 +125,12 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
         "auto" (default): cuda when onnxruntime's CUDA provider is usable on this machine, else cpu.
     vision_precision: default fp16 on CUDA, int8 on CPU for int4/int8 decoders, else fp32 (and for fp32).
     block_size: quantization block of int4/int8 weights (32, 64 or 128); default 64 for CPU int4/int8, else 32.
-    accuracy_level: MatMulNBits accuracy_level of both graphs (0 or 4); default 4 for CPU int4/int8, else 0."""
+    accuracy_level: MatMulNBits accuracy_level (0 or 4) of the decoder, and of the vision encoder unless
+        vision_accuracy_level is given; default 4 for the decoder of CPU int4/int8 bundles, else 0.
+    vision_accuracy_level: the vision encoder's (int8 only); default accuracy_level when that is given, else 0."""
     asked = block_size
-    target, vision_precision, accuracy_level, io_dtype, block_size = resolve_options(
-        precision, target, vision_precision, block_size, accuracy_level)
+    target, vision_precision, accuracy_level, vision_accuracy_level, io_dtype, block_size = resolve_options(
+        precision, target, vision_precision, block_size, accuracy_level, vision_accuracy_level)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
@@ -135,7 +146,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, precision: str = 
                               io_dtype="float16" if vision_precision == "fp16" or io_dtype == "float16" and
                               vision_precision != "fp32" else "float32",
                               block_size=int8_block_size(cfg, block_size) if vision_precision == "int8" else block_size,
-                              accuracy_level=accuracy_level,
+                              accuracy_level=vision_accuracy_level,
                               progress=(lambda i, n: progress("vision", i, n)) if progress else None)
         decoder = build_decoder(reader, cfg, tmp, precision=precision, io_dtype=io_dtype, block_size=block_size,
                                 symmetric=symmetric, lm_head_precision=lm_head_precision,

@@ -28,9 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization block size of int4/int8 weights (default 64 for --target cpu int4/int8: "
                         "fewer scale bytes per decode step; 32 otherwise)")
     p.add_argument("--accuracy-level", type=int, default=None, choices=ACCURACY_LEVELS,
-                   help="MatMulNBits accuracy_level of the decoder and the vision encoder: 0 = fp32 activations, "
-                        "4 = int8 activations (faster CPU kernels). Default 4 for --target cpu with "
-                        "int4/int8 weights, else 0 (the CUDA kernels ignore it)")
+                   help="MatMulNBits accuracy_level of the decoder (and of the vision encoder unless "
+                        "--vision-accuracy-level is given): 0 = fp32 activations, 4 = int8 activations (faster CPU "
+                        "decode). Default 4 for --target cpu with int4/int8 weights, else 0 (the CUDA kernels ignore it)")
+    p.add_argument("--vision-accuracy-level", type=int, default=None, choices=ACCURACY_LEVELS,
+                   help="the INT8 vision encoder's accuracy_level (default: --accuracy-level when given, else 0: "
+                        "images are encoded in large matmuls, where level 0 is as fast as fp32 weights and level "
+                        "4 is slower on AVX2 CPUs without VNNI; try 4 on a VNNI / AMX CPU)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (min/max, with zero points) quantization")
     p.add_argument("--lm-head-precision", choices=PRECISIONS, default=None,
                    help="lm_head weights (default: like the layers)")
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
             raise ExportError("--max-length is for --format genai (a bundle's runtime takes max_length when loading)")
         out = export(args.checkpoint, args.out, args.precision, target=target,
                             vision_precision=args.vision_precision, block_size=args.block_size,
-                            accuracy_level=args.accuracy_level,
+                            accuracy_level=args.accuracy_level, vision_accuracy_level=args.vision_accuracy_level,
                             symmetric=not args.asymmetric, lm_head_precision=args.lm_head_precision,
                             embedding_precision=args.embedding_precision, all_logits=args.all_logits,
                             force=args.force, progress=bar, **extra)

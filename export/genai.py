@@ -45,12 +45,13 @@ DEFAULT_MAX_LENGTH = 4096  # search.max_length: the KV buffers onnxruntime-genai
 
 def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "int4", *, target: str = "auto",
                  vision_precision: str | None = None, block_size: int | None = None,
-                 accuracy_level: int | None = None,
+                 accuracy_level: int | None = None, vision_accuracy_level: int | None = None,
                  symmetric: bool = True, lm_head_precision: str | None = None,
                  embedding_precision: str | None = None, max_length: int | None = None, force: bool = False,
                  all_logits: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Export `checkpoint` to an onnxruntime-genai package at `out_dir`; returns its path. The options are
-    export_bundle's (precision, target, vision_precision, block_size, accuracy_level, symmetric, lm_head and
+    export_bundle's (precision, target, vision_precision, block_size, accuracy_level, vision_accuracy_level,
+    symmetric, lm_head and
     embedding precision; the same checks and defaults); max_length is genai_config's search.max_length (default
     4096, or max_position_embeddings when smaller; the rotary tables cover the model's whole context). The
     vision graph's pixel_values and image_features use the text graph's activation dtype (onnxruntime-genai
@@ -59,8 +60,8 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
         raise ExportError("--all-logits is for bundles: the genai text graph returns the last position's logits "
                           "(onnxruntime-genai keeps only those)")
     asked = block_size
-    target, vision_precision, accuracy_level, io_dtype, block_size = resolve_options(
-        precision, target, vision_precision, block_size, accuracy_level)
+    target, vision_precision, accuracy_level, vision_accuracy_level, io_dtype, block_size = resolve_options(
+        precision, target, vision_precision, block_size, accuracy_level, vision_accuracy_level)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
@@ -83,7 +84,7 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
         vision = gg.build_genai_vision(
             reader, cfg, tmp, precision=vision_precision, io_dtype=io_dtype,
             block_size=int8_block_size(cfg, block_size) if vision_precision == "int8" else block_size,
-            accuracy_level=accuracy_level, progress=stage("vision"))
+            accuracy_level=vision_accuracy_level, progress=stage("vision"))
         embedding = gg.build_genai_embedding(reader, cfg, tmp, o)
         text = gg.build_genai_text(reader, cfg, tmp, o, cfg.max_position_embeddings, progress=stage("decoder"))
         side = _copy_side_files(src, tmp)

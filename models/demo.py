@@ -34,6 +34,9 @@ def checkpoint_digest(ckpt: Path) -> str:
     return h.hexdigest()[:12]
 
 
+EXPORT_DEFAULTS = 2  # bump when export_bundle's defaults change what a demo bundle holds
+
+
 def demo_bundle(provider: str, precision: str = "int4", block_size: int | None = None, force: bool = False,
                 log=print) -> Path:
     """The cached demo bundle for this provider, exported on first use (block_size None: the target's default)."""
@@ -41,8 +44,10 @@ def demo_bundle(provider: str, precision: str = "int4", block_size: int | None =
     if block_size is None:
         from phi3v_edge.export.bundle import cpu_defaults
 
-        block_size = cpu_defaults(precision, target, None, None)[2]
-    out = cache_root() / f"demo-{checkpoint_digest(CHECKPOINT)}-{precision}-b{block_size}-{target}"
+        block_size = cpu_defaults(precision, target, None, None)[3]
+    # e{N}: the export defaults' generation (2: INT8 vision at accuracy_level 0), so a cache from older defaults
+    # is not reused
+    out = cache_root() / f"demo-{checkpoint_digest(CHECKPOINT)}-{precision}-b{block_size}-{target}-e{EXPORT_DEFAULTS}"
     from phi3v_edge.runtime.bundle import BundleError, load_manifest
 
     if out.is_dir() and not force:

@@ -1,5 +1,6 @@
-"""The CPU as a target (issue 18): export defaults for --target cpu (MatMulNBits accuracy_level 4 in both
-graphs, an INT8 vision encoder), the --accuracy-level option, and the intra-op thread default."""
+"""The CPU as a target (issue 18): export defaults for --target cpu (MatMulNBits accuracy_level 4 in the
+decoder, an INT8 vision encoder at accuracy_level 0), the --accuracy-level / --vision-accuracy-level options,
+and the intra-op thread default."""
 from __future__ import annotations
 
 import json
@@ -33,11 +34,11 @@ def test_cpu_defaults_are_recorded_and_in_the_graphs(cpu_bundles):
     fast, exact = cpu_bundles
     m = json.loads((fast / "manifest.json").read_text())
     assert m["decoder"]["accuracy_level"] == 4 and m["decoder"]["block_size"] == 64
-    assert m["vision"]["precision"] == "int8" and m["vision"]["accuracy_level"] == 4
+    assert m["vision"]["precision"] == "int8" and m["vision"]["accuracy_level"] == 0
     assert m["vision"]["io_dtype"] == "float32" and m["vision"]["compute_dtype"] == "float32"
     assert m["vision"]["block_size"] == 32  # the decoder's block size where it divides the vision sizes (CLIP 32)
     assert _matmulnbits_levels(fast / "decoder.onnx") == {4}
-    assert _matmulnbits_levels(fast / "vision.onnx") == {4}
+    assert _matmulnbits_levels(fast / "vision.onnx") == {0}
     assert _matmulnbits_levels(exact / "decoder.onnx") == {0}
     assert _matmulnbits_levels(exact / "vision.onnx") == {0}
 
@@ -72,6 +73,17 @@ def test_cuda_target_and_explicit_options(tiny_checkpoint, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["decoder"]["accuracy_level"] == 0 and m["decoder"]["block_size"] == 64
     assert m["vision"]["precision"] == "fp32"
+    # accuracy_level given alone sets both graphs; vision_accuracy_level sets the vision encoder alone
+    both = exp.export_bundle(tiny_checkpoint, tmp_path / "both4", "int4", target="cpu", accuracy_level=4)
+    assert _matmulnbits_levels(both / "decoder.onnx") == {4} and _matmulnbits_levels(both / "vision.onnx") == {4}
+    out = tmp_path / "cli-vis4"
+    assert export_main([str(tiny_checkpoint), "--out", str(out), "--target", "cpu", "--vision-accuracy-level", "4",
+                        "--accuracy-level", "0", "--quiet"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["decoder"]["accuracy_level"] == 0 and m["vision"]["accuracy_level"] == 4
+    assert _matmulnbits_levels(out / "decoder.onnx") == {0} and _matmulnbits_levels(out / "vision.onnx") == {4}
+    with pytest.raises(exp.ExportError, match="vision accuracy level 1"):
+        exp.export_bundle(tiny_checkpoint, tmp_path / "bad", "int4", target="cpu", vision_accuracy_level=1)
     with pytest.raises(exp.ExportError, match="accuracy level 2"):
         exp.export_bundle(tiny_checkpoint, tmp_path / "bad", "int4", target="cpu", accuracy_level=2)
     assert not (tmp_path / "bad").exists()

@@ -12,7 +12,7 @@ def test_demo_exports_once_and_answers(tmp_path, monkeypatch, capsys):
     assert demo.main(["--provider", "cpu"]) == 0
     out = capsys.readouterr().out
     bundles = list(tmp_path.iterdir())
-    assert len(bundles) == 1 and bundles[0].name.endswith("-int4-b64-cpu")
+    assert len(bundles) == 1 and bundles[0].name.endswith("-int4-b64-cpu-e2")
     m = json.loads((bundles[0] / "manifest.json").read_text())
     assert m["decoder"]["precision"] == "int4"
     right, total = (int(x) for x in out.strip().splitlines()[-1].split()[0].split("/"))

@@ -255,7 +255,7 @@ def demo_package(tmp_path_factory):
 
 
 def test_int4_demo_package_answers_the_example_questions(demo_package):
-    """The INT4 CPU package (int8 vision, accuracy_level 4: export_bundle's CPU defaults), run by
+    """The INT4 CPU package (export_bundle's CPU defaults: decoder accuracy_level 4, int8 vision at 0), run by
     onnxruntime-genai on our processor's inputs, answers the bundled questions as the INT4 bundle does
     (tests/test_demo_command.py: >= 7 of 8)."""
     from phi3v_edge.models import demo
