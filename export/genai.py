@@ -51,8 +51,7 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, precision: str = "
                  all_logits: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Export `checkpoint` to an onnxruntime-genai package at `out_dir`; returns its path. The options are
     export_bundle's (precision, target, vision_precision, block_size, accuracy_level, vision_accuracy_level,
-    symmetric, lm_head and
-    embedding precision; the same checks and defaults); max_length is genai_config's search.max_length (default
+    symmetric, lm_head and embedding precision; the same checks and defaults); max_length is genai_config's search.max_length (default
     4096, or max_position_embeddings when smaller; the rotary tables cover the model's whole context). The
     vision graph's pixel_values and image_features use the text graph's activation dtype (onnxruntime-genai
     hands the vision output buffer to the embedding)."""

@@ -421,16 +421,10 @@ def test_api_generate_and_stream_with_video(clips, rt, as_images):
     r = rt.generate(prompt, video=clips["mp4"], video_frames=3, num_crops=1, max_new_tokens=6, stop_ids=())
     assert r.token_ids == as_images[1].token_ids
     assert r.frame_timestamps == pytest.approx([0.2, 1.0, 1.6]) and rt.last_video.timestamps == r.frame_timestamps
-    gen = rt.stream(prompt, video=Path(clips["mp4"]).read_bytes(), video_frames=3, num_crops=1, max_new_tokens=6,
-                    stop_ids=())
-    parts = []
-    while True:
-        try:
-            parts.append(next(gen))
-        except StopIteration as stop:
-            streamed = stop.value
-            break
-    assert "".join(parts) == as_images[1].text and streamed.frame_timestamps == pytest.approx([0.2, 1.0, 1.6])
+    text = "".join(rt.stream(prompt, video=Path(clips["mp4"]).read_bytes(), video_frames=3, num_crops=1,
+                             max_new_tokens=6, stop_ids=()))
+    streamed = rt.last_result  # the stream's own result (its generator's return value)
+    assert text == as_images[1].text and streamed.frame_timestamps == pytest.approx([0.2, 1.0, 1.6])
     assert rt.generate(prompt, num_crops=1, max_new_tokens=2).frame_timestamps is None  # no video, no timestamps
     with pytest.raises(V.VideoError, match="max_length 4096"):
         rt.generate(prompt, video=clips["mp4"], video_frames=10, num_crops=4, max_new_tokens=6)
